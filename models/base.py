@@ -1,0 +1,196 @@
+"""The one interface every model implements, so the server can serve any of them the same way.
+
+A model is built from a model folder (``config.json`` + safetensors), declares its inputs and
+outputs, turns one request's decoded tensors into model tensors (``prepare``), and runs a batched
+forward (``forward``). The server owns everything else: wire formats, batching, threads.
+
+Why ``prepare`` is per request and ``forward`` per batch: validation and decoding (JPEG, say)
+belong to the request that brought the data, so a bad request fails alone; the forward runs on
+the concatenation of many requests' prepared tensors along dim 0.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+
+class InputError(ValueError):
+    """The request is wrong (name, dtype, shape, parameter): the client gets a 4xx, nobody else is affected."""
+
+
+# KServe v2 datatype names <-> numpy dtypes. BYTES travels as a list of ``bytes``.
+KSERVE_TO_NUMPY: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+}
+NUMPY_TO_KSERVE: dict[np.dtype, str] = {v: k for k, v in KSERVE_TO_NUMPY.items()}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One named input or output. ``shape`` includes the batch dimension as -1; -1 elsewhere = any size."""
+
+    name: str
+    datatype: str  # KServe name: FP32, INT64, BYTES, ...
+    shape: tuple[int, ...]
+    optional: bool = False
+
+    def metadata(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+# What a request brings after decoding: numpy arrays, or a list of bytes for BYTES tensors.
+RequestTensor = np.ndarray | list[bytes]
+
+
+class Model(abc.ABC):
+    """Base class of every servable model; subclasses register themselves by ``model_type``.
+
+    Subclasses set ``model_type``, ``inputs`` and ``outputs`` (as class or instance attributes)
+    and implement ``build``, ``prepare`` and ``forward``.
+    """
+
+    model_type: ClassVar[str]
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def __init__(self, folder: Path, config: dict[str, Any], device: torch.device) -> None:
+        self.folder = folder
+        self.config = config
+        self.device = device
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    @abc.abstractmethod
+    def build(cls, folder: Path, config: dict[str, Any], device: torch.device) -> Model:
+        """Build the model from ``folder`` (weights from safetensors only) on ``device``."""
+
+    # -- per request ----------------------------------------------------------------------------
+    @abc.abstractmethod
+    def prepare(self, inputs: Mapping[str, RequestTensor], parameters: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Validate one request and return CPU tensors whose dim 0 is the request's batch size.
+
+        Raises ``InputError`` for anything the client got wrong. Runs off the event loop.
+        """
+
+    def batch_key(self, prepared: Mapping[str, torch.Tensor], parameters: Mapping[str, Any]) -> Any:
+        """Requests with equal keys may be concatenated into one batch (default: equal shapes but dim 0)."""
+        return tuple((k, tuple(v.shape[1:]), v.dtype) for k, v in sorted(prepared.items()))
+
+    # -- per batch ------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def forward(self, batch: Mapping[str, torch.Tensor], parameters: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Run one batch (tensors concatenated along dim 0, still on the CPU); return CPU outputs, dim 0 = batch."""
+
+    def example_inputs(self, batch_size: int = 1) -> dict[str, RequestTensor]:
+        """A valid request of ``batch_size`` items, used for warm-up (and by tests and benchmarks)."""
+        raise NotImplementedError
+
+    def warmup(self) -> None:
+        """Run one small batch so the first real request does not pay for lazy initialisation."""
+        prepared = self.prepare(self.example_inputs(1), {})
+        with torch.inference_mode():
+            self.forward(prepared, {})
+
+    # -- helpers for subclasses -----------------------------------------------------------------
+    def check_inputs(self, inputs: Mapping[str, RequestTensor]) -> None:
+        """Check names, datatypes and ranks/fixed dims against ``self.inputs`` (raises InputError)."""
+        known = {spec.name for spec in self.inputs}
+        for name in inputs:
+            if name not in known:
+                raise InputError(f"unexpected input {name!r}; this model takes {sorted(known)}")
+        for spec in self.inputs:
+            if spec.name not in inputs:
+                if spec.optional:
+                    continue
+                raise InputError(f"missing input {spec.name!r}")
+            value = inputs[spec.name]
+            if spec.datatype == "BYTES":
+                if not isinstance(value, list):
+                    raise InputError(f"input {spec.name!r} must be BYTES")
+                shape: tuple[int, ...] = (len(value),)
+            else:
+                if not isinstance(value, np.ndarray):
+                    raise InputError(f"input {spec.name!r} must be {spec.datatype}")
+                got = NUMPY_TO_KSERVE.get(value.dtype)
+                if got != spec.datatype:
+                    raise InputError(f"input {spec.name!r} must be {spec.datatype}, got {got or value.dtype}")
+                shape = value.shape
+            if len(shape) != len(spec.shape) or any(w not in (-1, g) for w, g in zip(spec.shape, shape)):
+                raise InputError(f"input {spec.name!r} must have shape {list(spec.shape)}, got {list(shape)}")
+            if shape[0] < 1:
+                raise InputError(f"input {spec.name!r} has an empty batch")
+
+
+_REGISTRY: dict[str, type[Model]] = {}
+
+
+def register(cls: type[Model]) -> type[Model]:
+    """Class decorator: make ``cls`` the implementation of its ``model_type``."""
+    _REGISTRY[cls.model_type] = cls
+    return cls
+
+
+def model_class(model_type: str) -> type[Model]:
+    _import_builtin_models()
+    try:
+        return _REGISTRY[model_type]
+    except KeyError:
+        raise ValueError(f"unknown model_type {model_type!r} (known: {sorted(_REGISTRY)})") from None
+
+
+def known_model_types() -> list[str]:
+    _import_builtin_models()
+    return sorted(_REGISTRY)
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: missing (a model folder holds config.json and model.safetensors)") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise ValueError(f"{path}: no model_type")
+    return config
+
+
+def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Model:
+    """Build the model that ``folder/config.json`` names, with its weights, on ``device``, in eval mode."""
+    folder = Path(folder)
+    config = read_config(folder)
+    cls = model_class(config["model_type"])
+    return cls.build(folder, config, torch.device(device))
+
+
+def _import_builtin_models() -> None:
+    import importlib
+
+    from models.catalog import MODEL_TYPES
+
+    for module in MODEL_TYPES.values():
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:  # a model file not written yet; any other error propagates
+            if exc.name != module:
+                raise

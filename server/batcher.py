@@ -1,0 +1,207 @@
+"""Dynamic batching: one queue per model, one inference thread per device.
+
+A batch is dispatched as soon as the device is idle (no waiting for a lone request, the mistake
+measured on LitServe and TorchServe); while the device is busy, requests accumulate and the
+next batch takes up to ``max_batch_size`` items, waiting at most ``batch_timeout`` for more.
+The inference thread runs ``prepare`` (validation, decoding) and ``forward``; torch releases
+the GIL while it computes, so the event loop keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.base import InputError, Model, RequestTensor
+from server import metrics
+from server.config import ModelConf
+
+
+class Overloaded(Exception):
+    """The model's queue is full: the client should retry later (HTTP 503 + Retry-After)."""
+
+
+class RequestTimeout(Exception):
+    """The request waited longer than its model's request_timeout."""
+
+
+@dataclass
+class Timing:
+    queue_ms: float = 0.0
+    compute_ms: float = 0.0
+    batch_size: int = 0
+
+
+@dataclass
+class _Pending:
+    inputs: Mapping[str, RequestTensor]
+    parameters: Mapping[str, Any]
+    future: asyncio.Future
+    size: int
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+def request_size(inputs: Mapping[str, RequestTensor]) -> int:
+    """Items in a request: dim 0 of its inputs (they must agree)."""
+    sizes = {len(v) if isinstance(v, list) else (v.shape[0] if v.ndim else 0) for v in inputs.values()}
+    if not sizes:
+        raise InputError("the request has no inputs")
+    if len(sizes) != 1:
+        raise InputError(f"inputs disagree on the batch dimension: {sorted(sizes)}")
+    return sizes.pop()
+
+
+class Device:
+    """The one inference thread of a worker's device, shared by its models' batchers."""
+
+    def __init__(self) -> None:
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer")
+        self.busy = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    async def run(self, fn, *args):
+        self.busy += 1
+        self.idle.clear()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        finally:
+            self.busy -= 1
+            if not self.busy:
+                self.idle.set()
+
+
+class Batcher:
+    def __init__(self, name: str, model: Model, conf: ModelConf, device: Device) -> None:
+        self.name, self.model, self.conf, self.device = name, model, conf, device
+        self.queue: deque[_Pending] = deque()
+        self.wakeup = asyncio.Event()
+        self.inflight = 0
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher:{self.name}")
+
+    @property
+    def outstanding(self) -> int:
+        return self.inflight
+
+    async def submit(self, inputs: Mapping[str, RequestTensor], parameters: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], Timing]:
+        if len(self.queue) >= self.conf.max_queue_size:
+            raise Overloaded(f"model {self.name!r}: queue full ({self.conf.max_queue_size} requests)")
+        size = request_size(inputs)
+        future = asyncio.get_running_loop().create_future()
+        self.queue.append(_Pending(inputs, parameters, future, size))
+        self.inflight += 1
+        metrics.INFLIGHT.labels(self.name).inc()
+        metrics.QUEUED.labels(self.name).set(len(self.queue))
+        self.wakeup.set()
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self.conf.request_timeout)
+        except asyncio.TimeoutError:
+            future.cancel()  # a batch that has not started skips it
+            raise RequestTimeout(f"model {self.name!r}: no result within {self.conf.request_timeout:g}s") from None
+        finally:
+            self.inflight -= 1
+            metrics.INFLIGHT.labels(self.name).dec()
+
+    async def _loop(self) -> None:
+        while True:
+            await self.wakeup.wait()
+            self.wakeup.clear()
+            while self.queue:
+                batch = self._take()
+                if self.device.busy and self._items(batch) < self.conf.max_batch_size and self.conf.batch_timeout > 0:
+                    # the device is busy anyway: give the batch a chance to fill up
+                    try:
+                        await asyncio.wait_for(self.device.idle.wait(), self.conf.batch_timeout)
+                    except asyncio.TimeoutError:
+                        pass
+                    batch += self._take(self.conf.max_batch_size - self._items(batch))
+                metrics.QUEUED.labels(self.name).set(len(self.queue))
+                batch = [p for p in batch if not p.future.done()]
+                if not batch:
+                    continue
+                started = time.perf_counter()
+                try:
+                    results = await self.device.run(self._run_batch, batch)
+                except Exception as exc:  # the model itself failed: every request of the batch learns why
+                    results = [exc] * len(batch)
+                compute = time.perf_counter() - started
+                items = self._items(batch)
+                metrics.BATCH_SIZE.labels(self.name).observe(items)
+                for pending, result in zip(batch, results):
+                    if pending.future.done():
+                        continue
+                    if isinstance(result, BaseException):
+                        pending.future.set_exception(result)
+                    else:
+                        timing = Timing((started - pending.enqueued) * 1000, compute * 1000, items)
+                        metrics.QUEUE_SECONDS.labels(self.name).observe(started - pending.enqueued)
+                        metrics.COMPUTE_SECONDS.labels(self.name).observe(compute)
+                        pending.future.set_result((result, timing))
+
+    @staticmethod
+    def _items(batch: list[_Pending]) -> int:
+        return sum(p.size for p in batch)
+
+    def _take(self, room: int | None = None) -> list[_Pending]:
+        """Queued requests, oldest first, up to ``room`` items (at least one request)."""
+        room = self.conf.max_batch_size if room is None else room
+        taken: list[_Pending] = []
+        while self.queue and (not taken or self.queue[0].size <= room):
+            if taken and room <= 0:
+                break
+            p = self.queue.popleft()
+            taken.append(p)
+            room -= p.size
+        return taken
+
+    def _run_batch(self, batch: list[_Pending]) -> list[dict[str, np.ndarray] | BaseException]:
+        """On the inference thread: prepare each request, run compatible ones together, split the outputs."""
+        results: list[dict[str, np.ndarray] | BaseException | None] = [None] * len(batch)
+        groups: dict[Any, list[tuple[int, dict[str, torch.Tensor]]]] = {}
+        for i, pending in enumerate(batch):
+            try:
+                prepared = self.model.prepare(pending.inputs, pending.parameters)
+                key = (self.model.batch_key(prepared, pending.parameters), _freeze(pending.parameters))
+            except InputError as exc:
+                results[i] = exc
+                continue
+            except Exception as exc:
+                results[i] = InputError(f"cannot prepare the request: {exc}")
+                continue
+            groups.setdefault(key, []).append((i, prepared))
+        for members in groups.values():
+            indices = [i for i, _ in members]
+            parameters = batch[indices[0]].parameters
+            try:
+                if len(members) == 1:
+                    joined = members[0][1]
+                else:
+                    joined = {k: torch.cat([p[k] for _, p in members]) for k in members[0][1]}
+                outputs = self.model.forward(joined, parameters)
+                offset = 0
+                for i, prepared in members:
+                    n = next(iter(prepared.values())).shape[0]
+                    results[i] = {k: v[offset : offset + n].numpy() for k, v in outputs.items()}
+                    offset += n
+            except Exception as exc:
+                for i in indices:
+                    results[i] = exc
+        return results  # type: ignore[return-value]
+
+
+def _freeze(parameters: Mapping[str, Any]) -> Any:
+    try:
+        return tuple(sorted((k, v) for k, v in parameters.items() if isinstance(v, (str, int, float, bool))))
+    except TypeError:
+        return ()

@@ -1,0 +1,219 @@
+"""The Python client for modelsrv's ZeroMQ front door (framing: docs/PROTOCOL.md).
+
+``Client`` is synchronous (one request at a time per client; not thread-safe), ``AsyncClient``
+is for asyncio and keeps many requests in flight. Both open ``connections`` DEALER sockets:
+the server balances per TCP connection, so several connections spread one client's load over
+the workers. Both retry what is safe to retry — overload (503), a reply that never came, a
+worker that said it is draining — with a short back-off, and raise ``ModelsrvError`` otherwise.
+
+    from server.client import Client
+    with Client("tcp://127.0.0.1:5555") as c:
+        logits = c.infer("densenet121", {"images": batch})["logits"]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import zmq
+import zmq.asyncio
+
+from server import wire
+
+RETRYABLE = {503}
+
+
+class ModelsrvError(Exception):
+    """The server answered with an error (``code`` as in HTTP) or never answered (code 504)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(f"[{code}] {message}")
+        self.code = code
+        self.message = message
+
+
+def _result(header: dict[str, Any], frames: list[Any]) -> dict[str, Any]:
+    if not header.get("ok"):
+        raise ModelsrvError(int(header.get("code", 500)), str(header.get("error", "unknown error")))
+    if "outputs" in header:
+        return wire.decode_tensors(header["outputs"], frames)
+    return {k: v for k, v in header.items() if k not in ("v", "id", "ok", "closing", "timing")}
+
+
+class Client:
+    def __init__(self, address: str = "tcp://127.0.0.1:5555", timeout: float = 30.0, retries: int = 3,
+                 connections: int = 1, backoff: float = 0.05) -> None:
+        self.address, self.timeout, self.retries, self.backoff = address, timeout, retries, backoff
+        self.ctx = zmq.Context.instance()
+        self.sockets = [self._connect() for _ in range(max(1, connections))]
+        self.turn = itertools.cycle(range(len(self.sockets)))
+        self.ids = itertools.count()
+
+    def _connect(self) -> zmq.Socket:
+        s = self.ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(self.address)
+        return s
+
+    def _replace(self, i: int) -> None:
+        self.sockets[i].close(linger=0)
+        self.sockets[i] = self._connect()
+
+    def call(self, op: str, model: str | None = None, inputs: Mapping[str, Any] | None = None,
+             parameters: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        last: ModelsrvError | None = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff * (2 ** (attempt - 1)))
+            i = next(self.turn)
+            request_id = next(self.ids)
+            sock = self.sockets[i]
+            sock.send_multipart(wire.request(op, request_id, model, inputs, parameters), copy=False)
+            deadline = time.monotonic() + self.timeout
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not sock.poll(left * 1000):
+                    last = ModelsrvError(504, f"no reply from {self.address} within {self.timeout:g}s")
+                    self._replace(i)  # the reply may still come: a fresh socket never sees it
+                    break
+                frames = sock.recv_multipart(copy=False)
+                header = wire.unpack(frames[0].buffer)
+                if header.get("id") != request_id:
+                    continue  # a late reply to a request we gave up on
+                if header.get("closing"):
+                    self._replace(i)
+                if not header.get("ok") and header.get("code") in RETRYABLE:
+                    last = ModelsrvError(int(header["code"]), str(header.get("error")))
+                    break
+                return _result(header, frames[1:])
+        assert last is not None
+        raise last
+
+    def infer(self, model: str, inputs: Mapping[str, np.ndarray | list[bytes]],
+              parameters: Mapping[str, Any] | None = None) -> dict[str, np.ndarray | list[bytes]]:
+        return self.call("infer", model, inputs, parameters)
+
+    def live(self) -> bool:
+        return bool(self.call("live").get("live"))
+
+    def ready(self, model: str | None = None) -> bool:
+        return bool(self.call("ready", model).get("ready"))
+
+    def models(self) -> list[str]:
+        return list(self.call("models")["models"])
+
+    def metadata(self, model: str) -> dict[str, Any]:
+        return self.call("metadata", model)["metadata"]
+
+    def close(self) -> None:
+        for s in self.sockets:
+            s.close(linger=0)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Connection:
+    """One DEALER socket and the requests waiting on it."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, address: str) -> None:
+        self.socket = ctx.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(address)
+        self.waiting: dict[int, asyncio.Future] = {}
+        self.retired = False
+        self.reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                frames = await self.socket.recv_multipart(copy=False)
+                header = wire.unpack(frames[0].buffer)
+                if header.get("closing"):
+                    self.retired = True
+                fut = self.waiting.pop(header.get("id"), None)
+                if fut is not None and not fut.done():
+                    fut.set_result((header, frames[1:]))
+                if self.retired and not self.waiting:
+                    break
+        except (asyncio.CancelledError, zmq.ZMQError):
+            pass
+        finally:
+            self.socket.close(linger=0)
+
+    def close(self) -> None:
+        self.reader.cancel()
+
+
+class AsyncClient:
+    def __init__(self, address: str = "tcp://127.0.0.1:5555", timeout: float = 30.0, retries: int = 3,
+                 connections: int = 4, backoff: float = 0.05) -> None:
+        self.address, self.timeout, self.retries, self.backoff = address, timeout, retries, backoff
+        self.n = max(1, connections)
+        self.ctx = zmq.asyncio.Context.instance()
+        self.conns: list[_Connection] = []
+        self.ids = itertools.count()
+        self.turn = itertools.count()
+
+    def _pick(self) -> _Connection:
+        if len(self.conns) < self.n:
+            self.conns.append(_Connection(self.ctx, self.address))
+        i = next(self.turn) % len(self.conns)
+        conn = self.conns[i]
+        if conn.retired:  # the worker behind it is draining: open a new connection instead
+            conn = self.conns[i] = _Connection(self.ctx, self.address)
+        return conn
+
+    async def call(self, op: str, model: str | None = None, inputs: Mapping[str, Any] | None = None,
+                   parameters: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        last: ModelsrvError | None = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                await asyncio.sleep(self.backoff * (2 ** (attempt - 1)))
+            conn = self._pick()
+            request_id = next(self.ids)
+            fut = asyncio.get_running_loop().create_future()
+            conn.waiting[request_id] = fut
+            await conn.socket.send_multipart(wire.request(op, request_id, model, inputs, parameters), copy=False)
+            try:
+                header, frames = await asyncio.wait_for(fut, self.timeout)
+            except asyncio.TimeoutError:
+                conn.waiting.pop(request_id, None)
+                conn.retired = True
+                last = ModelsrvError(504, f"no reply from {self.address} within {self.timeout:g}s")
+                continue
+            if not header.get("ok") and header.get("code") in RETRYABLE:
+                last = ModelsrvError(int(header["code"]), str(header.get("error")))
+                continue
+            return _result(header, frames)
+        assert last is not None
+        raise last
+
+    async def infer(self, model: str, inputs: Mapping[str, np.ndarray | list[bytes]],
+                    parameters: Mapping[str, Any] | None = None) -> dict[str, np.ndarray | list[bytes]]:
+        return await self.call("infer", model, inputs, parameters)
+
+    async def ready(self, model: str | None = None) -> bool:
+        return bool((await self.call("ready", model)).get("ready"))
+
+    async def metadata(self, model: str) -> dict[str, Any]:
+        return (await self.call("metadata", model))["metadata"]
+
+    def close(self) -> None:
+        for c in self.conns:
+            c.close()
+        self.conns.clear()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()

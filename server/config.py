@@ -1,0 +1,392 @@
+"""The configuration file: nginx syntax (parsed by crossplane), checked into plain dataclasses.
+
+Every error names ``file:line``, whether it comes from ``-t``, from start-up or from a HUP, so
+an operator can fix a reload that was refused. This module imports no torch: the master uses it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import crossplane
+
+from models.catalog import check_model_folder
+
+
+class ConfigError(Exception):
+    """A configuration mistake, located at ``file:line``."""
+
+    def __init__(self, message: str, file: str | os.PathLike | None = None, line: int | None = None) -> None:
+        self.message, self.file, self.line = message, file, line
+        where = f" in {file}:{line}" if file and line else (f" in {file}" if file else "")
+        super().__init__(f"{message}{where}")
+
+
+@dataclass
+class Listen:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass
+class ModelConf:
+    name: str
+    path: Path
+    model_type: str = ""
+    device: str = "auto"  # auto | cpu | cuda | cuda:0,1
+    max_batch_size: int = 8
+    batch_timeout: float = 0.002  # seconds a partial batch may wait while the device is busy
+    max_queue_size: int = 256  # requests waiting per worker; beyond that: 503 / overload
+    request_timeout: float = 60.0
+    tensor_parallel: int = 1
+    workers: list[int] | None = None  # slots hosting the model; None = every worker
+
+
+@dataclass
+class Config:
+    file: Path
+    prefix: Path
+    worker_processes: int = 1
+    worker_cpu_affinity: str | list[list[int]] = "auto"  # auto | off | per-worker core lists
+    worker_shutdown_timeout: float = 30.0
+    worker_timeout: float = 60.0  # heartbeat: a worker silent that long is killed and respawned
+    worker_load_timeout: float = 600.0  # the same bound while a worker is loading its models
+    pid: Path = Path("run/modelsrv.pid")
+    error_log: Path = Path("logs/error.log")
+    error_log_level: str = "info"
+    daemon: bool = False
+    http_listen: list[Listen] = field(default_factory=list)
+    access_log: Path | None = None
+    client_max_body_size: int = 64 << 20
+    client_body_timeout: float = 60.0
+    keepalive_timeout: float = 75.0
+    zmq_listen: list[Listen] = field(default_factory=list)
+    models: dict[str, ModelConf] = field(default_factory=dict)
+    run_dir: Path = Path("run")
+    gpus: int = 0  # visible GPUs, counted without touching CUDA
+
+    def models_on(self, slot: int) -> list[ModelConf]:
+        return [m for m in self.models.values() if m.workers is None or slot in m.workers]
+
+
+LOG_LEVELS = ("debug", "info", "notice", "warn", "error", "crit", "alert", "emerg")
+_TIME_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_time(value: str) -> float:
+    """nginx times: ``500ms``, ``30s``, ``2m``, ``1h``; a bare number is seconds."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)?", value)
+    if not m:
+        raise ValueError(f'invalid time "{value}"')
+    return float(m.group(1)) * _TIME_UNITS[m.group(2) or "s"]
+
+
+def parse_size(value: str) -> int:
+    """nginx sizes: ``512``, ``64k``, ``64m``, ``1g`` (case-insensitive)."""
+    m = re.fullmatch(r"(\d+)([kmg]?)", value.lower())
+    if not m:
+        raise ValueError(f'invalid size "{value}"')
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+
+
+def parse_listen(value: str, scheme: str | None = None) -> Listen:
+    if scheme:
+        if not value.startswith(f"{scheme}://"):
+            raise ValueError(f'listen "{value}" must look like {scheme}://HOST:PORT')
+        value = value[len(scheme) + 3 :]
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        host, port = "127.0.0.1", value
+    host = host.strip("[]") or "0.0.0.0"
+    if host == "*":
+        host = "0.0.0.0"
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f'invalid port in "{value}"')
+    return Listen(host, int(port))
+
+
+def count_gpus() -> int:
+    """Visible NVIDIA GPUs, without initialising CUDA (the master must not: fork would break it)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    try:
+        return len(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:
+        return 0
+
+
+class _Directive:
+    """One crossplane directive with its location, for error messages."""
+
+    def __init__(self, raw: dict[str, Any]) -> None:
+        self.name: str = raw["directive"]
+        self.args: list[str] = raw["args"]
+        self.file: str = raw.get("file", "")
+        self.line: int = raw["line"]
+        self.block: list[dict[str, Any]] | None = raw.get("block")
+
+    def error(self, message: str) -> ConfigError:
+        return ConfigError(message, self.file, self.line)
+
+    def one(self) -> str:
+        if len(self.args) != 1:
+            raise self.error(f'invalid number of arguments in "{self.name}" directive')
+        return self.args[0]
+
+    def convert(self, fn: Any) -> Any:
+        try:
+            return fn(self.one())
+        except ValueError as exc:
+            raise self.error(f'{exc} in "{self.name}" directive') from None
+
+    def flag(self) -> bool:
+        value = self.one()
+        if value not in ("on", "off"):
+            raise self.error(f'invalid value "{value}" in "{self.name}" directive, it must be "on" or "off"')
+        return value == "on"
+
+    def positive_int(self) -> int:
+        value = self.one()
+        if not value.isdigit() or int(value) < 1:
+            raise self.error(f'invalid value "{value}" in "{self.name}" directive')
+        return int(value)
+
+
+def _flatten(parsed: dict[str, Any]) -> list[dict[str, Any]]:
+    """crossplane's payload for the main file with includes spliced in place (combine)."""
+    config = parsed["config"][0]
+    return config["parsed"]
+
+
+def load_config(path: str | os.PathLike, prefix: str | os.PathLike | None = None, check_models: bool = True) -> Config:
+    """Parse and check the configuration; raise ConfigError with file:line on the first mistake."""
+    path = Path(path).absolute()
+    if not path.is_file():
+        raise ConfigError(f'open() "{path}" failed (No such file or directory)')
+    try:
+        parsed = crossplane.parse(
+            str(path), catch_errors=False, combine=True, check_ctx=False, check_args=False, single=False
+        )
+    except crossplane.errors.NgxParserBaseException as exc:
+        raise ConfigError(exc.strerror, exc.filename, exc.lineno) from None
+    if parsed["status"] != "ok":  # pragma: no cover - catch_errors=False raises instead
+        err = parsed["errors"][0]
+        raise ConfigError(err["error"], err.get("file"), err.get("line"))
+
+    cfg = Config(file=path, prefix=Path(prefix).absolute() if prefix else path.parent.parent)
+    cfg.gpus = count_gpus()
+    seen: set[str] = set()
+    for raw in _flatten(parsed):
+        d = _Directive(raw)
+        if d.name in seen and d.name not in ("model",):
+            raise d.error(f'"{d.name}" directive is duplicate')
+        seen.add(d.name)
+        _apply_main(cfg, d)
+    _resolve(cfg, check_models)
+    return cfg
+
+
+def _apply_main(cfg: Config, d: _Directive) -> None:
+    if d.name == "worker_processes":
+        value = d.one()
+        if value == "auto":
+            cfg.worker_processes = 0  # resolved below
+        else:
+            cfg.worker_processes = d.positive_int()
+    elif d.name == "worker_cpu_affinity":
+        if d.args in (["auto"], ["off"]):
+            cfg.worker_cpu_affinity = d.args[0]
+        else:
+            masks = []
+            for mask in d.args:
+                if not re.fullmatch(r"[01]+", mask):
+                    raise d.error(f'invalid mask "{mask}" in "worker_cpu_affinity" directive')
+                masks.append([i for i, bit in enumerate(reversed(mask)) if bit == "1"])
+            cfg.worker_cpu_affinity = masks
+    elif d.name == "worker_shutdown_timeout":
+        cfg.worker_shutdown_timeout = d.convert(parse_time)
+    elif d.name == "worker_timeout":
+        cfg.worker_timeout = d.convert(parse_time)
+    elif d.name == "worker_load_timeout":
+        cfg.worker_load_timeout = d.convert(parse_time)
+    elif d.name == "pid":
+        cfg.pid = Path(d.one())
+    elif d.name == "error_log":
+        if not 1 <= len(d.args) <= 2:
+            raise d.error('invalid number of arguments in "error_log" directive')
+        cfg.error_log = Path(d.args[0])
+        if len(d.args) == 2:
+            if d.args[1] not in LOG_LEVELS:
+                raise d.error(f'invalid log level "{d.args[1]}"')
+            cfg.error_log_level = d.args[1]
+    elif d.name == "daemon":
+        cfg.daemon = d.flag()
+    elif d.name == "http":
+        _apply_block(cfg, d, _apply_http)
+    elif d.name == "zmq":
+        _apply_block(cfg, d, _apply_zmq)
+    elif d.name == "model":
+        _apply_model(cfg, d)
+    else:
+        raise d.error(f'unknown directive "{d.name}"')
+
+
+def _apply_block(cfg: Config, d: _Directive, apply: Any) -> None:
+    if d.block is None:
+        raise d.error(f'directive "{d.name}" has no opening "{{"')
+    if d.args:
+        raise d.error(f'invalid number of arguments in "{d.name}" directive')
+    seen: set[str] = set()
+    for raw in d.block:
+        inner = _Directive(raw)
+        if inner.name in seen and inner.name != "listen":
+            raise inner.error(f'"{inner.name}" directive is duplicate')
+        seen.add(inner.name)
+        apply(cfg, inner)
+
+
+def _apply_http(cfg: Config, d: _Directive) -> None:
+    if d.name == "listen":
+        cfg.http_listen.append(d.convert(parse_listen))
+    elif d.name == "access_log":
+        value = d.one()
+        cfg.access_log = None if value == "off" else Path(value)
+    elif d.name == "client_max_body_size":
+        cfg.client_max_body_size = d.convert(parse_size)
+    elif d.name == "client_body_timeout":
+        cfg.client_body_timeout = d.convert(parse_time)
+    elif d.name == "keepalive_timeout":
+        cfg.keepalive_timeout = d.convert(parse_time)
+    else:
+        raise d.error(f'unknown directive "{d.name}"')
+
+
+def _apply_zmq(cfg: Config, d: _Directive) -> None:
+    if d.name == "listen":
+        cfg.zmq_listen.append(d.convert(lambda v: parse_listen(v, "tcp")))
+    else:
+        raise d.error(f'unknown directive "{d.name}"')
+
+
+def _apply_model(cfg: Config, d: _Directive) -> None:
+    if d.block is None:
+        raise d.error('directive "model" has no opening "{"')
+    if len(d.args) != 1 or not re.fullmatch(r"[A-Za-z0-9_.-]+", d.args[0]):
+        raise d.error('"model" takes one name of letters, digits, "_", "-" or "."')
+    name = d.args[0]
+    if name in cfg.models:
+        raise d.error(f'duplicate model "{name}"')
+    model = ModelConf(name=name, path=Path())
+    has_path = False
+    seen: set[str] = set()
+    for raw in d.block:
+        inner = _Directive(raw)
+        if inner.name in seen:
+            raise inner.error(f'"{inner.name}" directive is duplicate')
+        seen.add(inner.name)
+        if inner.name == "path":
+            model.path, has_path = Path(inner.one()), True
+        elif inner.name == "device":
+            value = inner.one()
+            if not re.fullmatch(r"auto|cpu|cuda(:\d+(,\d+)*)?", value):
+                raise inner.error(f'invalid device "{value}" (auto, cpu, cuda or cuda:0,1,...)')
+            model.device = value
+        elif inner.name == "max_batch_size":
+            model.max_batch_size = inner.positive_int()
+        elif inner.name == "batch_timeout":
+            model.batch_timeout = inner.convert(parse_time)
+        elif inner.name == "max_queue_size":
+            model.max_queue_size = inner.positive_int()
+        elif inner.name == "request_timeout":
+            model.request_timeout = inner.convert(parse_time)
+        elif inner.name == "tensor_parallel":
+            model.tensor_parallel = inner.positive_int()
+            if model.tensor_parallel != 1:
+                raise inner.error("tensor_parallel > 1 is not supported by any model type served yet")
+        elif inner.name == "workers":
+            if not inner.args or not all(a.isdigit() for a in inner.args):
+                raise inner.error('"workers" takes worker numbers (0, 1, ...)')
+            model.workers = sorted({int(a) for a in inner.args})
+        else:
+            raise inner.error(f'unknown directive "{inner.name}"')
+    if not has_path:
+        raise d.error(f'model "{name}" has no "path"')
+    model._where = (d.file, d.line)  # type: ignore[attr-defined]
+    cfg.models[name] = model
+
+
+def _resolve(cfg: Config, check_models: bool) -> None:
+    """Fill in "auto" values and absolute paths; check what needs the whole file."""
+
+    def absolute(p: Path) -> Path:
+        return p if p.is_absolute() else cfg.prefix / p
+
+    cfg.pid = absolute(cfg.pid)
+    cfg.error_log = absolute(cfg.error_log)
+    cfg.run_dir = cfg.pid.parent
+    if cfg.access_log is not None:
+        cfg.access_log = absolute(cfg.access_log)
+    if cfg.worker_processes == 0:
+        cfg.worker_processes = cfg.gpus or max(1, len(os.sched_getaffinity(0)))
+    if isinstance(cfg.worker_cpu_affinity, list) and len(cfg.worker_cpu_affinity) < cfg.worker_processes:
+        raise ConfigError(
+            f"worker_cpu_affinity names {len(cfg.worker_cpu_affinity)} masks for {cfg.worker_processes} workers",
+            cfg.file,
+        )
+    if not cfg.http_listen and not cfg.zmq_listen:
+        raise ConfigError("no listen directive in an http or zmq block: nothing would be served", cfg.file)
+    for model in cfg.models.values():
+        file, line = model._where  # type: ignore[attr-defined]
+        model.path = absolute(model.path)
+        if model.workers is not None:
+            bad = [w for w in model.workers if w >= cfg.worker_processes]
+            if bad:
+                raise ConfigError(f'model "{model.name}": no worker {bad[0]} (worker_processes {cfg.worker_processes})', file, line)
+        if model.device.startswith("cuda") and cfg.gpus == 0:
+            raise ConfigError(f'model "{model.name}": device {model.device} but no GPU is visible', file, line)
+        if check_models:
+            try:
+                model.model_type = check_model_folder(model.path)
+            except ValueError as exc:
+                raise ConfigError(f'model "{model.name}": {exc}', file, line) from None
+
+
+def slot_device(cfg: Config, model: ModelConf, slot: int) -> str:
+    """The torch device a model uses in worker ``slot`` (inside the worker, GPUs are renumbered from 0)."""
+    if model.device == "cpu" or (model.device == "auto" and cfg.gpus == 0):
+        return "cpu"
+    return "cuda:0"
+
+
+def slot_gpu(cfg: Config, slot: int) -> int | None:
+    """The physical GPU index of a slot (one GPU per worker, round robin), or None without GPUs."""
+    if cfg.gpus == 0 or all(m.device == "cpu" for m in cfg.models.values()):
+        return None
+    explicit = [m.device for m in cfg.models_on(slot) if m.device.startswith("cuda:")]
+    if explicit:
+        ids = [int(x) for x in explicit[0][5:].split(",")]
+        return ids[slot % len(ids)]
+    return slot % cfg.gpus
+
+
+def slot_cores(cfg: Config, slot: int) -> list[int] | None:
+    """The CPU cores a worker is pinned to, or None (no pinning)."""
+    if cfg.worker_cpu_affinity == "off":
+        return None
+    if isinstance(cfg.worker_cpu_affinity, list):
+        return cfg.worker_cpu_affinity[slot]
+    cores = sorted(os.sched_getaffinity(0))
+    n = cfg.worker_processes
+    if n >= len(cores):
+        return [cores[slot % len(cores)]]
+    per = len(cores) // n
+    return cores[slot * per : (slot + 1) * per]

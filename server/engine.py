@@ -1,0 +1,225 @@
+"""Where a request runs: this worker's batcher, a peer worker that hosts the model, or several.
+
+Any worker can take any request. A model not placed here is forwarded to the peer hosting it
+with the least outstanding work (as this worker counts it); a request larger than the model's
+``max_batch_size`` is split into chunks spread over every worker hosting the model and gathered
+back in order (DataParallel's scatter / gather, across processes). Peers talk the ZeroMQ wire
+format over ipc endpoints in the run directory; the master keeps the peer table current.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zmq
+import zmq.asyncio
+
+from models.base import InputError, Model, RequestTensor
+from server import wire
+from server.batcher import Batcher, Overloaded, RequestTimeout, Timing, request_size
+from server.logs import log
+
+
+class NotFound(LookupError):
+    pass
+
+
+class PeerUnavailable(ConnectionError):
+    """A peer could not take the request before accepting it: safe to retry elsewhere."""
+
+
+def error_code(exc: BaseException) -> int:
+    """The HTTP-like status of an exception, shared by every front door."""
+    if isinstance(exc, wire.MessageTooLarge):
+        return 413
+    if isinstance(exc, (InputError, wire.WireError)):
+        return 400
+    if isinstance(exc, NotFound):
+        return 404
+    if isinstance(exc, RemoteError):
+        return exc.code
+    if isinstance(exc, (Overloaded, PeerUnavailable)):
+        return 503
+    if isinstance(exc, RequestTimeout):
+        return 504
+    return 500
+
+
+class RemoteError(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Peer:
+    key: str  # "generation:slot"
+    ipc: str
+    models: set[str]
+    meta: dict[str, Any] = field(default_factory=dict)
+    socket: zmq.asyncio.Socket | None = None
+    outstanding: int = 0
+    waiting: dict[int, asyncio.Future] = field(default_factory=dict)
+    reader: asyncio.Task | None = None
+
+
+class Engine:
+    def __init__(self, slot: int, generation: int, models: dict[str, Model], batchers: dict[str, Batcher],
+                 meta: dict[str, dict[str, Any]], ctx: zmq.asyncio.Context) -> None:
+        self.slot, self.generation = slot, generation
+        self.models = models
+        self.meta = meta
+        self.batchers = batchers
+        self.ctx = ctx
+        self.peers: dict[str, Peer] = {}
+        self.ids = itertools.count()
+        self.draining = False
+
+    # -- the peer table ----------------------------------------------------------------------------
+    def set_peers(self, table: list[dict[str, Any]]) -> None:
+        me = f"{self.generation}:{self.slot}"
+        wanted = {f"{p['generation']}:{p['slot']}": p for p in table if f"{p['generation']}:{p['slot']}" != me}
+        for key in list(self.peers):
+            if key not in wanted:
+                self._drop_peer(self.peers.pop(key), PeerUnavailable("peer left"))
+        for key, p in wanted.items():
+            if key in self.peers:
+                self.peers[key].models = set(p["models"])
+            else:
+                self.peers[key] = Peer(key, p["ipc"], set(p["models"]), p.get("meta", {}))
+
+    def _drop_peer(self, peer: Peer, exc: BaseException) -> None:
+        for fut in peer.waiting.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        if peer.reader:
+            peer.reader.cancel()
+        if peer.socket is not None:
+            peer.socket.close(linger=0)
+
+    def close(self) -> None:
+        for peer in self.peers.values():
+            self._drop_peer(peer, PeerUnavailable("worker exiting"))
+        self.peers.clear()
+
+    @property
+    def outstanding(self) -> int:
+        return sum(b.outstanding for b in self.batchers.values())
+
+    def known_models(self) -> list[str]:
+        names = set(self.models)
+        for peer in self.peers.values():
+            names |= peer.models
+        return sorted(names)
+
+    def metadata(self, name: str) -> dict[str, Any] | None:
+        """KServe model metadata (+ its config under "config"), for local models and peers' alike."""
+        if name in self.meta:
+            return self.meta[name]
+        for peer in self.peers.values():
+            if name in peer.meta:
+                return peer.meta[name]
+        return None
+
+    # -- serving -----------------------------------------------------------------------------------
+    async def infer(self, name: str, inputs: Mapping[str, RequestTensor], parameters: Mapping[str, Any],
+                    forwarded: bool = False) -> tuple[dict[str, np.ndarray | list[bytes]], Timing]:
+        batcher = self.batchers.get(name)
+        hosts = [p for p in self.peers.values() if name in p.models]
+        if batcher is None and (forwarded or not hosts):
+            raise NotFound(f"unknown model {name!r}" + ("" if forwarded else f"; known: {', '.join(self.known_models())}"))
+        size = request_size(inputs)
+        if batcher is None:
+            return await self._on_peers(hosts, name, inputs, parameters)
+        limit = batcher.conf.max_batch_size
+        if size <= limit or forwarded:
+            return await batcher.submit(inputs, parameters)
+        return await self._scatter_gather(batcher, hosts, name, inputs, parameters, size, limit)
+
+    async def _scatter_gather(self, batcher: Batcher, hosts: list[Peer], name: str, inputs: Mapping[str, RequestTensor],
+                              parameters: Mapping[str, Any], size: int, limit: int):
+        """Split a request larger than max_batch_size over this worker and its peers; gather in order."""
+        chunks = [{k: v[i : i + limit] for k, v in inputs.items()} for i in range(0, size, limit)]
+        targets: list[Peer | None] = [None, *hosts]
+
+        async def run(chunk, where):
+            if where is None:
+                return await batcher.submit(chunk, parameters)
+            try:
+                return await self._call_peer(where, name, chunk, parameters)
+            except PeerUnavailable:
+                return await batcher.submit(chunk, parameters)
+
+        parts = await asyncio.gather(*(run(c, targets[i % len(targets)]) for i, c in enumerate(chunks)))
+        outputs: dict[str, Any] = {}
+        for key in parts[0][0]:
+            values = [p[0][key] for p in parts]
+            outputs[key] = sum(values, []) if isinstance(values[0], list) else np.concatenate(values)
+        timing = Timing(max(p[1].queue_ms for p in parts), max(p[1].compute_ms for p in parts), size)
+        return outputs, timing
+
+    async def _on_peers(self, hosts: list[Peer], name: str, inputs, parameters):
+        """Forward to the least busy host; if it cannot take it, try the next one."""
+        last: BaseException = PeerUnavailable(f"no worker hosting {name!r} is reachable")
+        for peer in sorted(hosts, key=lambda p: p.outstanding):
+            try:
+                return await self._call_peer(peer, name, inputs, parameters)
+            except PeerUnavailable as exc:
+                last = exc
+        raise last
+
+    async def _call_peer(self, peer: Peer, name: str, inputs, parameters) -> tuple[dict[str, Any], Timing]:
+        if peer.socket is None:
+            peer.socket = self.ctx.socket(zmq.DEALER)
+            peer.socket.setsockopt(zmq.LINGER, 0)
+            peer.socket.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for a peer that is not connected
+            peer.socket.connect(peer.ipc)
+            peer.reader = asyncio.get_running_loop().create_task(self._read_peer(peer))
+        request_id = next(self.ids)
+        fut = asyncio.get_running_loop().create_future()
+        peer.waiting[request_id] = fut
+        peer.outstanding += 1
+        try:
+            frames = wire.request("infer", request_id, name, inputs, parameters)
+            header = wire.unpack(frames[0])
+            header["fwd"] = True
+            frames[0] = wire.pack(header)
+            try:
+                await asyncio.wait_for(peer.socket.send_multipart(frames, copy=False), 1.0)
+            except (asyncio.TimeoutError, zmq.ZMQError) as exc:
+                raise PeerUnavailable(f"peer {peer.key} not reachable: {exc}") from None
+            header, outputs = await fut
+            if not header.get("ok"):
+                code = header.get("code", 500)
+                message = header.get("error", "peer failed")
+                if code == 400:
+                    raise InputError(message)
+                if code == 404:
+                    raise PeerUnavailable(message)  # placement changed under us: try elsewhere
+                raise RemoteError(code, message)
+            t = header.get("timing", {})
+            return outputs, Timing(t.get("queue_ms", 0.0), t.get("compute_ms", 0.0), t.get("batch_size", 0))
+        finally:
+            peer.waiting.pop(request_id, None)
+            peer.outstanding -= 1
+
+    async def _read_peer(self, peer: Peer) -> None:
+        try:
+            while True:
+                frames = await peer.socket.recv_multipart(copy=False)
+                try:
+                    header = wire.unpack(frames[0].buffer)
+                    outputs = wire.decode_tensors(header.get("outputs", []), frames[1:]) if header.get("ok") else {}
+                except (wire.WireError, InputError) as exc:
+                    log.error("bad reply from peer %s: %s", peer.key, exc)
+                    continue
+                fut = peer.waiting.get(header.get("id"))
+                if fut is not None and not fut.done():
+                    fut.set_result((header, outputs))
+        except (asyncio.CancelledError, zmq.ZMQError):
+            return

@@ -1,0 +1,94 @@
+"""Error and access logs, nginx style, reopened on USR1 so logrotate can move the files away.
+
+Lines look like nginx's: ``2026/11/28 14:00:00 [info] 1234#0: message`` where ``#N`` is the
+worker number (``#-`` for the master). One module for both processes; no rotation logic here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "notice": logging.INFO + 5,
+    "warn": logging.WARNING,
+    "error": logging.ERROR,
+    "crit": logging.CRITICAL,
+    "alert": logging.CRITICAL + 5,
+    "emerg": logging.CRITICAL + 10,
+}
+for _name, _level in LEVELS.items():
+    logging.addLevelName(_level, _name)
+
+log = logging.getLogger("modelsrv")
+
+
+class _NginxFormatter(logging.Formatter):
+    def __init__(self, who: str) -> None:
+        super().__init__()
+        self.who = who
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%Y/%m/%d %H:%M:%S", time.localtime(record.created))
+        text = f"{stamp} [{record.levelname}] {os.getpid()}#{self.who}: {record.getMessage()}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+class ReopenableFileHandler(logging.StreamHandler):
+    """A file handler whose file is reopened on demand (USR1), never on its own."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        super().__init__(open(self.path, "a", buffering=1, encoding="utf-8"))
+
+    def reopen(self) -> None:
+        self.acquire()
+        try:
+            old = self.stream
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.stream = open(self.path, "a", buffering=1, encoding="utf-8")
+            old.close()
+        finally:
+            self.release()
+
+
+class Logs:
+    """The process's error log (``log``) and, in workers, the access log."""
+
+    def __init__(self, error_log: Path, level: str, who: str, access_log: Path | None = None, stderr: bool = False):
+        self.error = ReopenableFileHandler(error_log)
+        self.error.setFormatter(_NginxFormatter(who))
+        for h in list(log.handlers):
+            log.removeHandler(h)
+            h.close()
+        log.addHandler(self.error)
+        if stderr:
+            console = logging.StreamHandler(sys.stderr)
+            console.setFormatter(_NginxFormatter(who))
+            log.addHandler(console)
+        log.setLevel(LEVELS[level])
+        log.propagate = False
+        self.access = ReopenableFileHandler(access_log) if access_log else None
+
+    def reopen(self) -> None:
+        self.error.reopen()
+        if self.access:
+            self.access.reopen()
+
+    def access_line(self, line: str) -> None:
+        if self.access:
+            self.access.stream.write(line + "\n")
+
+    def close(self) -> None:
+        log.removeHandler(self.error)
+        self.error.close()
+        if self.access:
+            self.access.close()

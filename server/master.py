@@ -1,0 +1,632 @@
+"""The master process: nginx's ``ngx_master_process_cycle`` in Python.
+
+Signal handlers only set flags; ``Master.cycle`` waits on a wake-up fd and the workers'
+channels, then acts on the flags in nginx's order: reap, terminate, quit, reconfigure,
+restart, reopen, change_binary, noaccept. The process table (``self.workers``) is the master's
+whole state. The master never imports torch and never touches CUDA: a process forked after
+either misbehaves, and every worker is forked from here.
+
+Reload differs from nginx in one way that matters for models: loading weights takes seconds,
+so new workers are started first, and the old ones are sent QUIT only once every new one has
+reported ready. A new generation that fails to load is retired and the old one keeps serving.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from server import __version__
+from server.channel import Channel
+from server.config import Config, ConfigError, load_config, slot_cores, slot_gpu
+from server.logs import Logs, log
+
+# Exit status of a worker that cannot load its models: it is not respawned (no restart storm).
+EXIT_FATAL = 2
+INHERIT_ENV = "MODELSRV_INHERIT"  # "kind:host:port=fd;..." passed to a new binary (nginx: NGINX="fd;")
+HEARTBEAT_EVERY = 1.0
+
+
+@dataclass
+class Worker:
+    """One row of the process table."""
+
+    slot: int
+    generation: int
+    pid: int
+    channel: Channel
+    started: float
+    state: str = "starting"  # starting -> ready -> exiting
+    last_heartbeat: float = 0.0
+    kill_at: float | None = None  # when a worker told to exit gets SIGKILL
+    term_delay: float = 0.0  # nginx's escalating TERM back-off
+    respawn: bool = True
+    ipc: str = ""
+    models: list[str] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+
+class Master:
+    def __init__(self, config_path: Path, prefix: Path | None, cfg: Config, argv: list[str]) -> None:
+        self.config_path = config_path
+        self.prefix = prefix
+        self.cfg = cfg
+        self.argv = argv
+        self.generation = 0  # the generation that serves
+        self.generations = 0  # the last generation number handed out
+        self.pending_cfg: Config | None = None
+        self.exit_code = 0
+        self.workers: dict[int, Worker] = {}  # pid -> Worker
+        self.listeners: dict[str, socket.socket] = {}  # "http:host:port" / "zmq:host:port" -> socket
+        self.pending_generation: int | None = None  # a reload waiting for its workers to be ready
+        self.respawn_at: dict[tuple[int, int], float] = {}  # (slot, generation) -> when to respawn
+        self.failures: dict[int, int] = {}  # slot -> quick deaths in a row
+        self.new_binary_pid = 0
+        self.noaccepting = False
+        self.exiting_since: float | None = None
+        # the flags, as ngx_process_cycle.c names them
+        self.reap = self.terminate = self.quit = self.reconfigure = False
+        self.reopen = self.change_binary = self.noaccept = self.restart = False
+        self.logs: Logs | None = None
+        self.selector = selectors.DefaultSelector()
+
+    # -- start -----------------------------------------------------------------------------------
+    def run(self) -> int:
+        cfg = self.cfg
+        self.logs = Logs(cfg.error_log, cfg.error_log_level, "-", stderr=not cfg.daemon)
+        if cfg.daemon:
+            self._daemonize()
+        self._set_title()
+        self._prepare_metrics_dir()
+        try:
+            self._open_listeners(cfg)
+        except OSError as exc:
+            log.log(60, "bind() failed: %s", exc)
+            return 1
+        self._write_pid()
+        self._install_signals()
+        log.info("modelsrv/%s master started, %d worker(s)", __version__, cfg.worker_processes)
+        self.generation = self._new_generation()
+        for slot in range(cfg.worker_processes):
+            self._spawn(slot, self.generation, cfg)
+        try:
+            return self.cycle()
+        finally:
+            self._remove_pid()
+            log.info("exit")
+
+    # -- the cycle -------------------------------------------------------------------------------
+    def cycle(self) -> int:
+        while True:
+            self._wait(self._next_timeout())
+            now = time.monotonic()
+
+            if self.reap:
+                self.reap = False
+                self._reap_children()
+                if self._live_workers() == 0 and (self.terminate or self.quit):
+                    return 0
+                if self._nothing_can_serve():
+                    log.log(60, "no worker can serve: every worker failed to load its models")
+                    self.terminate = True
+                    self.exit_code = 1
+
+            if self.terminate:
+                if self.exiting_since is None:
+                    self.exiting_since = now
+                    log.info("terminating")
+                    self.pending_generation = None
+                    for w in self.workers.values():
+                        w.respawn = False
+                        w.state = "exiting"
+                        w.term_delay = 0.05
+                        w.kill_at = now + 0.05
+                        self._signal(w, signal.SIGTERM)
+                self._escalate_terminate(now)
+                if self._live_workers() == 0:
+                    return self.exit_code
+                continue
+
+            if self.quit:
+                if self.exiting_since is None:
+                    self.exiting_since = now
+                    log.info("gracefully shutting down")
+                    self.pending_generation = None
+                    self._quit_workers(list(self.workers.values()))
+                    self._close_listeners()
+                if self._live_workers() == 0:
+                    return 0
+                self._kill_overdue(now)
+                continue
+
+            if self.reconfigure and self.pending_generation is None:
+                self.reconfigure = False
+                if self.new_binary_pid:  # nginx: after USR2, HUP only restarts workers of this binary
+                    log.info("start new workers")
+                else:
+                    log.info("reconfiguring")
+                self._reconfigure()
+
+            if self.restart:  # after noaccept, a HUP brings workers back (rollback of an upgrade)
+                self.restart = False
+                self.noaccepting = False
+                self.generation = self._new_generation()
+                for slot in range(self.cfg.worker_processes):
+                    self._spawn(slot, self.generation, self.cfg)
+
+            if self.reopen:
+                self.reopen = False
+                self.logs.reopen()
+                log.info("reopened logs")
+                for w in self.workers.values():
+                    w.channel.send({"cmd": "reopen"}) or self._signal(w, signal.SIGUSR1)
+
+            if self.change_binary:
+                self.change_binary = False
+                log.info("changing binary")
+                self._exec_new_binary()
+
+            if self.noaccept:
+                self.noaccept = False
+                self.noaccepting = True
+                log.info("gracefully shutting down workers (noaccept)")
+                self.pending_generation = None
+                self._quit_workers(list(self.workers.values()))
+
+            self._check_pending_generation()
+            self._respawn_due(now)
+            self._check_heartbeats(now)
+            self._kill_overdue(now)
+
+    def _next_timeout(self) -> float:
+        timeout = HEARTBEAT_EVERY
+        now = time.monotonic()
+        for when in self.respawn_at.values():
+            timeout = min(timeout, max(0.0, when - now))
+        for w in self.workers.values():
+            if w.kill_at is not None:
+                timeout = min(timeout, max(0.0, w.kill_at - now))
+        return timeout
+
+    def _wait(self, timeout: float) -> None:
+        """Sleep until a signal, a channel message or the timeout (nginx: sigsuspend)."""
+        for key, _ in self.selector.select(timeout):
+            if key.data == "signal":
+                try:
+                    while os.read(self._wakeup_r, 512):
+                        pass
+                except BlockingIOError:
+                    pass
+            else:
+                self._on_channel(key.data)
+
+    # -- signals ---------------------------------------------------------------------------------
+    def _install_signals(self) -> None:
+        self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
+        self.selector.register(self._wakeup_r, selectors.EVENT_READ, "signal")
+        handlers = {
+            signal.SIGCHLD: "reap",
+            signal.SIGTERM: "terminate",
+            signal.SIGINT: "terminate",
+            signal.SIGQUIT: "quit",
+            signal.SIGHUP: "reconfigure",
+            signal.SIGUSR1: "reopen",
+            signal.SIGUSR2: "change_binary",
+            signal.SIGWINCH: "noaccept",
+        }
+        for signum, flag in handlers.items():
+            signal.signal(signum, self._flag_setter(flag))
+
+    def _flag_setter(self, flag: str):
+        def handler(signum: int, frame: object) -> None:
+            if flag == "reconfigure" and self.noaccepting:
+                setattr(self, "restart", True)  # nginx: HUP after WINCH restarts workers, old config
+                return
+            setattr(self, flag, True)
+
+        return handler
+
+    def _signal(self, w: Worker, signum: int) -> None:
+        try:
+            os.kill(w.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    # -- channels --------------------------------------------------------------------------------
+    def _on_channel(self, w: Worker) -> None:
+        try:
+            msg = w.channel.recv()
+        except OSError:
+            msg = None
+        if msg is None:  # the worker exited; CHLD will reap it
+            self.selector.unregister(w.channel)
+            return
+        event = msg.get("event")
+        w.last_heartbeat = time.monotonic()
+        if event == "ready":
+            w.state = "ready" if w.state == "starting" else w.state
+            w.ipc = msg.get("ipc", "")
+            w.models = msg.get("models", [])
+            w.meta = msg.get("meta", {})
+            self.failures.pop(w.slot, None)
+            log.info("worker process %d #%d (generation %d) ready: %s", w.pid, w.slot, w.generation, ", ".join(w.models) or "no models")
+            self._broadcast_peers()
+        elif event == "load_failed":
+            log.error("worker process %d #%d cannot load its models: %s", w.pid, w.slot, msg.get("error"))
+            w.respawn = False
+
+    def _broadcast_peers(self) -> None:
+        """Tell every worker which ready workers host which models, for forwarding (nginx passes channels)."""
+        peers = [
+            {"slot": w.slot, "generation": w.generation, "pid": w.pid, "ipc": w.ipc, "models": w.models, "meta": w.meta}
+            for w in self.workers.values()
+            if w.state == "ready" and w.ipc
+        ]
+        for w in self.workers.values():
+            if w.state != "exiting":
+                w.channel.send({"cmd": "peers", "peers": peers})
+
+    # -- children --------------------------------------------------------------------------------
+    def _new_generation(self) -> int:
+        self.generations += 1
+        return self.generations
+
+    def _spawn(self, slot: int, generation: int, cfg: Config) -> Worker | None:
+        parent_end, child_end = Channel.pair()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            log.error("fork() failed for worker #%d: %s", slot, exc)
+            parent_end.close()
+            child_end.close()
+            self.respawn_at[(slot, generation)] = time.monotonic() + 1.0
+            return None
+        if pid == 0:  # the worker; it never returns
+            parent_end.close()
+            code = 1
+            try:
+                for w in self.workers.values():
+                    w.channel.close()
+                self.selector.close()
+                signal.set_wakeup_fd(-1)
+                os.close(self._wakeup_r)
+                os.close(self._wakeup_w)
+                from server.worker import worker_main
+
+                code = worker_main(cfg, slot, generation, child_end, dict(self.listeners), slot_gpu(cfg, slot), slot_cores(cfg, slot))
+            except BaseException:  # noqa: B036 - the child must never return into the master's loop
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        child_end.close()
+        now = time.monotonic()
+        w = Worker(slot=slot, generation=generation, pid=pid, channel=parent_end, started=now, last_heartbeat=now)
+        self.workers[pid] = w
+        self.selector.register(parent_end, selectors.EVENT_READ, w)
+        gpu = slot_gpu(cfg, slot)
+        log.info("start worker process %d #%d (%s)", pid, slot, f"cuda:{gpu}" if gpu is not None else "cpu")
+        return w
+
+    def _reap_children(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid == self.new_binary_pid:
+                self._new_binary_exited(status)
+                continue
+            w = self.workers.pop(pid, None)
+            if w is None:
+                continue
+            try:
+                self.selector.unregister(w.channel)
+            except (KeyError, ValueError):
+                pass
+            w.channel.close()
+            self._forget_metrics(pid)
+            how = self._describe_status(status)
+            expected = w.state == "exiting"
+            level = 20 if expected else 40
+            log.log(level, "worker process %d #%d %s", pid, w.slot, how)
+            fatal = os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_FATAL
+            if fatal:
+                w.respawn = False
+                if w.generation == self.pending_generation:
+                    log.error("new workers failed to load: reload aborted, the old configuration keeps serving")
+                    self._abort_pending_generation()
+                    continue
+            if expected or not w.respawn or self.terminate or self.quit or self.noaccepting:
+                if fatal:
+                    log.error("worker #%d is not respawned: it cannot load its models (see above)", w.slot)
+                continue
+            if w.generation != self.generation and w.generation != self.pending_generation:
+                continue  # an old generation is being retired
+            quick = time.monotonic() - w.started < 10
+            n = self.failures.get(w.slot, 0) + 1 if quick else 0
+            self.failures[w.slot] = n
+            delay = min(10.0, 0.1 * (2**n)) if n else 0.0
+            if delay:
+                log.warning("worker #%d died %d time(s) in a row shortly after start: respawn in %.1fs", w.slot, n, delay)
+            self.respawn_at[(w.slot, w.generation)] = time.monotonic() + delay
+
+    def _respawn_due(self, now: float) -> None:
+        for (slot, generation), when in list(self.respawn_at.items()):
+            if when > now:
+                continue
+            del self.respawn_at[(slot, generation)]
+            if self.terminate or self.quit or self.noaccepting:
+                continue
+            if generation == self.generation:
+                self._spawn(slot, generation, self.cfg)
+            elif generation == self.pending_generation:
+                self._spawn(slot, generation, self.pending_cfg)
+
+    @staticmethod
+    def _describe_status(status: int) -> str:
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            return f"exited on signal {sig} ({signal.Signals(sig).name})"
+        return f"exited with code {os.WEXITSTATUS(status)}"
+
+    def _live_workers(self) -> int:
+        return len(self.workers)
+
+    def _nothing_can_serve(self) -> bool:
+        """True when no worker is alive or on its way back: the server would serve nothing forever."""
+        if self.terminate or self.quit or self.noaccepting:
+            return False
+        return not self.workers and not self.respawn_at
+
+    def _quit_workers(self, workers: list[Worker]) -> None:
+        deadline = time.monotonic() + self.cfg.worker_shutdown_timeout + 5.0
+        for w in workers:
+            if w.state == "exiting":
+                continue
+            w.state = "exiting"
+            w.respawn = False
+            w.kill_at = deadline
+            if not w.channel.send({"cmd": "quit"}):
+                self._signal(w, signal.SIGQUIT)
+        self._broadcast_peers()
+
+    def _escalate_terminate(self, now: float) -> None:
+        """nginx: TERM again with a doubling delay; past a second, KILL."""
+        for w in self.workers.values():
+            if w.kill_at is not None and now >= w.kill_at:
+                w.term_delay *= 2
+                if w.term_delay > 1.0:
+                    log.warning("worker process %d #%d did not exit: sending KILL", w.pid, w.slot)
+                    self._signal(w, signal.SIGKILL)
+                    w.kill_at = None
+                else:
+                    self._signal(w, signal.SIGTERM)
+                    w.kill_at = now + w.term_delay
+
+    def _kill_overdue(self, now: float) -> None:
+        for w in self.workers.values():
+            if w.kill_at is not None and now >= w.kill_at:
+                log.warning("worker process %d #%d exceeded its shutdown timeout: sending KILL", w.pid, w.slot)
+                self._signal(w, signal.SIGKILL)
+                w.kill_at = None
+
+    def _check_heartbeats(self, now: float) -> None:
+        """A worker whose event loop stopped answering is killed; CHLD then respawns it."""
+        for w in self.workers.values():
+            if w.state == "exiting":
+                continue
+            limit = self.cfg.worker_load_timeout if w.state == "starting" else self.cfg.worker_timeout
+            if now - w.last_heartbeat > limit:
+                log.error("worker process %d #%d sent no heartbeat for %.0fs: killing it", w.pid, w.slot, now - w.last_heartbeat)
+                self._signal(w, signal.SIGKILL)
+                w.last_heartbeat = now  # do not kill twice while waiting for CHLD
+
+    # -- reload ----------------------------------------------------------------------------------
+    def _reconfigure(self) -> None:
+        try:
+            cfg = load_config(self.config_path, self.prefix)
+        except ConfigError as exc:
+            log.log(60, "%s: reload refused, keeping the running configuration", exc)
+            return
+        try:
+            self._open_listeners(cfg)
+        except OSError as exc:
+            log.log(60, "bind() failed on reload: %s: keeping the running configuration", exc)
+            return
+        self.pending_cfg = cfg
+        self.pending_generation = self._new_generation()
+        log.info("starting generation %d: %d worker(s)", self.pending_generation, cfg.worker_processes)
+        for slot in range(cfg.worker_processes):
+            self._spawn(slot, self.pending_generation, cfg)
+
+    def _check_pending_generation(self) -> None:
+        gen = self.pending_generation
+        if gen is None:
+            return
+        new = [w for w in self.workers.values() if w.generation == gen]
+        if len(new) < self.pending_cfg.worker_processes or any(w.state != "ready" for w in new):
+            return
+        old = [w for w in self.workers.values() if w.generation != gen and w.state != "exiting"]
+        log.info("generation %d ready: retiring %d old worker(s)", gen, len(old))
+        self.cfg, self.generation = self.pending_cfg, gen
+        self.pending_generation = self.pending_cfg = None
+        self._quit_workers(old)
+        self._close_unused_listeners()
+
+    def _abort_pending_generation(self) -> None:
+        gen = self.pending_generation
+        self.pending_generation = self.pending_cfg = None
+        for w in self.workers.values():
+            if w.generation == gen:
+                w.respawn = False
+                w.state = "exiting"
+                w.kill_at = time.monotonic() + 5.0
+                w.channel.send({"cmd": "terminate"}) or self._signal(w, signal.SIGTERM)
+        for key in [k for k in self.respawn_at if k[1] == gen]:
+            del self.respawn_at[key]
+        self._close_unused_listeners()
+
+    # -- listening sockets -----------------------------------------------------------------------
+    def _open_listeners(self, cfg: Config) -> None:
+        """Bind what the config asks for (or adopt what a previous binary handed over)."""
+        inherited = self._inherited()
+        wanted = [f"http:{a}" for a in cfg.http_listen] + [f"zmq:{a}" for a in cfg.zmq_listen]
+        for key in wanted:
+            if key in self.listeners:
+                continue
+            if key in inherited:
+                sock = socket.socket(fileno=inherited.pop(key))
+                log.info("using inherited socket %s (fd %d)", key, sock.fileno())
+            else:
+                _, host, port = key.rsplit(":", 2)
+                family = socket.AF_INET6 if ":" in host else socket.AF_INET
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((host, int(port)))
+                sock.listen(1024)
+            # non-blocking, or a worker that loses an accept race stalls its other connections
+            sock.setblocking(False)
+            self.listeners[key] = sock
+        for fd in inherited.values():
+            os.close(fd)
+
+    def _inherited(self) -> dict[str, int]:
+        value = os.environ.pop(INHERIT_ENV, "")
+        result = {}
+        for item in filter(None, value.split(";")):
+            key, _, fd = item.rpartition("=")
+            result[key] = int(fd)
+        return result
+
+    def _close_unused_listeners(self) -> None:
+        wanted = {f"http:{a}" for a in self.cfg.http_listen} | {f"zmq:{a}" for a in self.cfg.zmq_listen}
+        for key in list(self.listeners):
+            if key not in wanted:
+                self.listeners.pop(key).close()
+
+    def _close_listeners(self) -> None:
+        for sock in self.listeners.values():
+            sock.close()
+        self.listeners.clear()
+
+    # -- binary upgrade --------------------------------------------------------------------------
+    def _exec_new_binary(self) -> None:
+        if self.new_binary_pid:
+            log.warning("a new binary is already running (pid %d): USR2 ignored", self.new_binary_pid)
+            return
+        pid_path = self.cfg.pid
+        oldbin = Path(str(pid_path) + ".oldbin")
+        try:
+            os.rename(pid_path, oldbin)
+        except OSError as exc:
+            log.error("rename() %s to %s failed: %s", pid_path, oldbin, exc)
+            return
+        env = dict(os.environ)
+        env[INHERIT_ENV] = ";".join(f"{key}={sock.fileno()}" for key, sock in self.listeners.items())
+        fds = [sock.fileno() for sock in self.listeners.values()]
+        pid = os.fork()
+        if pid == 0:
+            try:
+                for fd in fds:
+                    os.set_inheritable(fd, True)
+                signal.set_wakeup_fd(-1)
+                for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
+                               signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH):
+                    signal.signal(signum, signal.SIG_DFL)
+                os.execve(sys.executable, [sys.executable, *self.argv], env)
+            finally:
+                os._exit(1)
+        self.new_binary_pid = pid
+        log.info("started new binary process %d", pid)
+
+    def _new_binary_exited(self, status: int) -> None:
+        log.warning("new binary process %d %s", self.new_binary_pid, self._describe_status(status))
+        self.new_binary_pid = 0
+        oldbin = Path(str(self.cfg.pid) + ".oldbin")
+        try:
+            os.rename(oldbin, self.cfg.pid)
+        except OSError as exc:
+            log.error("rename() %s back to %s failed: %s", oldbin, self.cfg.pid, exc)
+
+    # -- odds and ends ---------------------------------------------------------------------------
+    def _set_title(self) -> None:
+        import setproctitle
+
+        args = self.argv[2:] if self.argv[:2] == ["-m", "server.cli"] else self.argv
+        setproctitle.setproctitle(f"modelsrv: master process modelsrv {' '.join(args)}")
+
+    def _prepare_metrics_dir(self) -> None:
+        """Prometheus multiprocess files live in run/metrics-<master pid>, wiped at start."""
+        import shutil
+
+        path = self.cfg.run_dir / f"metrics-{os.getpid()}"
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True, exist_ok=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+        self.metrics_dir = path
+
+    def _forget_metrics(self, pid: int) -> None:
+        from server.metrics import worker_died
+
+        try:
+            worker_died(self.metrics_dir, pid)
+        except Exception as exc:  # metrics must never take the master down
+            log.warning("cleaning metrics of worker %d failed: %s", pid, exc)
+
+    def _write_pid(self) -> None:
+        path = self.cfg.pid
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(f"{os.getpid()}\n")
+        os.replace(tmp, path)
+
+    def _remove_pid(self) -> None:
+        import shutil
+
+        shutil.rmtree(getattr(self, "metrics_dir", ""), ignore_errors=True)
+        for path in (self.cfg.pid, Path(str(self.cfg.pid) + ".oldbin")):
+            try:
+                if path.read_text().strip() == str(os.getpid()):
+                    path.unlink()
+            except OSError:
+                pass
+
+    def _daemonize(self) -> None:
+        if os.fork():
+            os._exit(0)
+        os.setsid()
+        if os.fork():
+            os._exit(0)
+        fd = os.open(os.devnull, os.O_RDWR)
+        for target in (0, 1, 2):
+            os.dup2(fd, target)
+        os.close(fd)
+        # stderr is gone: keep logging to the file only
+        self.logs = Logs(self.cfg.error_log, self.cfg.error_log_level, "-", stderr=False)
+
+
+def run_master(config_path: Path, prefix: Path | None, argv: list[str]) -> int:
+    try:
+        cfg = load_config(config_path, prefix)
+    except ConfigError as exc:
+        print(f"modelsrv: [emerg] {exc}", file=sys.stderr)
+        return 1
+    try:
+        return Master(config_path, prefix, cfg, argv).run()
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            print(f"modelsrv: [emerg] {exc}", file=sys.stderr)
+            return 1
+        raise

@@ -1,0 +1,58 @@
+"""Prometheus metrics, aggregated over every worker with prometheus_client's multiprocess mode.
+
+Each worker writes its own mmap files under ``PROMETHEUS_MULTIPROC_DIR`` (set by the master
+before forking); any worker answering ``/metrics`` merges them all. When a worker dies, the
+master folds its counters and histograms into ``*_archive.db`` files and deletes its own, so
+totals survive restarts and a server that restarted workers many times still scrapes fast.
+Names and labels: docs/METRICS.md.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.mmap_dict import MmapedDict
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+REQUESTS = Counter("modelsrv_requests", "Inference requests by model, protocol and outcome", ["model", "protocol", "outcome"])
+REQUEST_SECONDS = Histogram("modelsrv_request_seconds", "Time from arrival to reply", ["model"], buckets=LATENCY_BUCKETS)
+QUEUE_SECONDS = Histogram("modelsrv_queue_seconds", "Time waiting for a batch", ["model"], buckets=LATENCY_BUCKETS)
+COMPUTE_SECONDS = Histogram("modelsrv_compute_seconds", "Time of the batch a request ran in", ["model"], buckets=LATENCY_BUCKETS)
+BATCH_SIZE = Histogram("modelsrv_batch_size", "Items per executed batch", ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+INFLIGHT = Gauge("modelsrv_inflight_requests", "Requests accepted and not yet answered", ["model"], multiprocess_mode="livesum")
+QUEUED = Gauge("modelsrv_queued_requests", "Requests waiting for a batch", ["model"], multiprocess_mode="livesum")
+LOAD_SECONDS = Gauge("modelsrv_model_load_seconds", "Seconds the last load of a model took", ["model"], multiprocess_mode="livemax")
+WORKERS_READY = Gauge("modelsrv_workers_ready", "Workers serving", multiprocess_mode="livesum")
+WORKER_STARTS = Counter("modelsrv_worker_starts", "Worker processes started, by slot (restarts included)", ["slot"])
+
+
+def render() -> bytes:
+    """The text exposition of every process's metrics."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    return generate_latest(registry)
+
+
+def worker_died(directory: str | os.PathLike, pid: int) -> None:
+    """Fold a dead worker's counters and histograms into archive files; drop its live gauges."""
+    directory = Path(directory)
+    mark_process_dead(pid, str(directory))
+    for kind in ("counter", "histogram"):
+        own = directory / f"{kind}_{pid}.db"
+        if not own.exists():
+            continue
+        archive = MmapedDict(str(directory / f"{kind}_archive.db"))
+        try:
+            for key, value, timestamp, _ in MmapedDict.read_all_values_from_file(str(own)):
+                old, _ = archive.read_value(key)
+                archive.write_value(key, old + value, timestamp)
+        finally:
+            archive.close()
+        own.unlink()
+    for path in glob.glob(str(directory / f"gauge_*_{pid}.db")):  # non-live gauges of the dead pid
+        os.unlink(path)

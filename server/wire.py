@@ -1,0 +1,129 @@
+"""The ZeroMQ wire format (docs/PROTOCOL.md): a msgpack header frame, then one raw frame per tensor.
+
+Request  (DEALER -> ROUTER): ``[header, frame0, frame1, ...]``
+  header = {"v": 1, "id": <any>, "op": "infer", "model": str,
+            "inputs": [{"name", "datatype", "shape", "frame": i} | {"name", "datatype": "BYTES", "shape", "data": [bytes...]}],
+            "parameters": {...}}
+  other ops: "live", "ready" (optional "model"), "models", "metadata" ("model")
+Reply: ``[header, frames...]`` with {"v": 1, "id", "ok": true, "outputs": [...same tensor descriptors...]}
+  or {"v": 1, "id", "ok": false, "code": 400|404|413|503|500|504, "error": str}.
+A reply may carry ``"closing": true``: the worker is draining; the client should reconnect.
+
+Tensors travel as raw little-endian C-order buffers described by (datatype, shape, frame index),
+as vLLM's engine protocol does, so nothing is converted to lists on either side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from models.base import KSERVE_TO_NUMPY, NUMPY_TO_KSERVE, InputError
+
+VERSION = 1
+COPY_THRESHOLD = 64 * 1024  # frames above this are sent zero-copy
+
+
+class WireError(ValueError):
+    """A malformed message: answered with code 400, never fatal."""
+
+
+class MessageTooLarge(WireError):
+    """A message above client_max_body_size: answered with code 413."""
+
+
+def encode_tensors(tensors: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Describe tensors for a header and list their raw frames (BYTES inline as a list of bytes)."""
+    descs: list[dict[str, Any]] = []
+    frames: list[Any] = []
+    for name, value in tensors.items():
+        if isinstance(value, list):
+            descs.append({"name": name, "datatype": "BYTES", "shape": [len(value)], "data": [bytes(b) for b in value]})
+            continue
+        arr = np.asarray(value)
+        if arr.dtype == object:
+            descs.append({"name": name, "datatype": "BYTES", "shape": list(arr.shape), "data": [bytes(b) for b in arr.ravel()]})
+            continue
+        datatype = NUMPY_TO_KSERVE.get(arr.dtype.newbyteorder("=") if arr.dtype.byteorder == ">" else arr.dtype)
+        if datatype is None:
+            raise ValueError(f"tensor {name!r}: dtype {arr.dtype} has no wire datatype")
+        arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+        descs.append({"name": name, "datatype": datatype, "shape": list(arr.shape), "frame": len(frames)})
+        frames.append(memoryview(arr).cast("B") if arr.size else b"")
+    return descs, frames
+
+
+def decode_tensors(descs: Any, frames: Sequence[Any]) -> dict[str, np.ndarray | list[bytes]]:
+    """The inverse of encode_tensors; every inconsistency is a WireError (or InputError)."""
+    if not isinstance(descs, list):
+        raise WireError("'inputs'/'outputs' must be a list")
+    out: dict[str, np.ndarray | list[bytes]] = {}
+    for d in descs:
+        if not isinstance(d, dict) or not isinstance(d.get("name"), str):
+            raise WireError("each tensor needs a 'name'")
+        name, datatype, shape = d["name"], d.get("datatype"), d.get("shape")
+        if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
+            raise WireError(f"tensor {name!r}: 'shape' must be a list of non-negative integers")
+        count = int(np.prod(shape)) if shape else 1
+        if datatype == "BYTES":
+            data = d.get("data")
+            if not isinstance(data, list) or not all(isinstance(b, (bytes, str)) for b in data) or len(data) != count:
+                raise WireError(f"tensor {name!r}: BYTES 'data' must be a list of {count} byte strings")
+            out[name] = [b.encode() if isinstance(b, str) else b for b in data]
+            continue
+        dtype = KSERVE_TO_NUMPY.get(datatype)
+        if dtype is None:
+            raise InputError(f"tensor {name!r}: unknown datatype {datatype!r}")
+        index = d.get("frame")
+        if not isinstance(index, int) or not 0 <= index < len(frames):
+            raise WireError(f"tensor {name!r}: 'frame' {index!r} is not one of the {len(frames)} frames sent")
+        buf = frames[index]
+        buf = buf.buffer if hasattr(buf, "buffer") else buf
+        if len(buf) != count * dtype.itemsize:
+            raise WireError(f"tensor {name!r}: frame has {len(buf)} bytes, shape {shape} {datatype} needs {count * dtype.itemsize}")
+        out[name] = np.frombuffer(buf, dtype=dtype.newbyteorder("<")).reshape(shape)
+    return out
+
+
+def pack(header: dict[str, Any]) -> bytes:
+    header.setdefault("v", VERSION)
+    return msgpack.packb(header, use_bin_type=True)
+
+
+def unpack(data: Any) -> dict[str, Any]:
+    try:
+        header = msgpack.unpackb(bytes(data), raw=False, strict_map_key=False)
+    except Exception as exc:
+        raise WireError(f"header is not valid msgpack: {exc}") from None
+    if not isinstance(header, dict):
+        raise WireError("header must be a msgpack map")
+    return header
+
+
+def request(op: str, request_id: Any, model: str | None = None, inputs: Mapping[str, Any] | None = None,
+            parameters: Mapping[str, Any] | None = None) -> list[Any]:
+    """The frames of one request."""
+    header: dict[str, Any] = {"op": op, "id": request_id}
+    frames: list[Any] = []
+    if model is not None:
+        header["model"] = model
+    if inputs is not None:
+        header["inputs"], frames = encode_tensors(inputs)
+    if parameters:
+        header["parameters"] = dict(parameters)
+    return [pack(header), *frames]
+
+
+def reply_ok(request_id: Any, outputs: Mapping[str, Any] | None = None, **extra: Any) -> list[Any]:
+    header: dict[str, Any] = {"id": request_id, "ok": True, **extra}
+    frames: list[Any] = []
+    if outputs is not None:
+        header["outputs"], frames = encode_tensors(outputs)
+    return [pack(header), *frames]
+
+
+def reply_error(request_id: Any, code: int, message: str, **extra: Any) -> list[Any]:
+    return [pack({"id": request_id, "ok": False, "code": code, "error": message, **extra})]

@@ -1,0 +1,256 @@
+"""A worker process: nginx's ``ngx_worker_process_cycle`` around a uvloop event loop.
+
+Forked by the master (which never imported torch), it pins itself first — GPU list in the
+environment before torch is imported, CPU affinity, torch threads = its cores — then loads
+and warms up its models, reports ready over the channel, and serves HTTP and ZeroMQ until told
+to quit (graceful: stop accepting, answer what it holds, exit within worker_shutdown_timeout)
+or terminate (fast). The flags ``terminate quit exiting reopen`` are set by channel commands or,
+as a fallback, by signals, and acted on by one task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+from server.channel import Channel
+from server.config import Config, ModelConf, slot_device
+from server.logs import Logs, log
+from server.master import EXIT_FATAL, HEARTBEAT_EVERY
+
+
+def worker_main(cfg: Config, slot: int, generation: int, channel: Channel, listeners: dict[str, socket.socket],
+                gpu: int | None, cores: list[int] | None) -> int:
+    device_label = f"cuda:{gpu}" if gpu is not None else "cpu"
+    import setproctitle
+
+    setproctitle.setproctitle(f"modelsrv: worker process #{slot} ({device_label})")
+    for signum in (signal.SIGCHLD, signal.SIGHUP, signal.SIGUSR2, signal.SIGWINCH):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C reaches the master, which tells us
+
+    # Pinning, before torch is imported: the GPU list and the thread pools read the environment.
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu) if gpu is not None else ""
+    if cores:
+        os.sched_setaffinity(0, cores)
+    threads = len(cores) if cores else len(os.sched_getaffinity(0))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(threads)
+
+    logs = Logs(cfg.error_log, cfg.error_log_level, str(slot), cfg.access_log)
+    from server.metrics import WORKER_STARTS
+
+    WORKER_STARTS.labels(str(slot)).inc()
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.set_num_interop_threads(1)
+    if gpu is not None:  # fp32 means fp32: the fixtures' tolerances assume it
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+    try:
+        loaded = _load_models(cfg, slot)
+    except Exception as exc:
+        log.error("cannot load models: %s", exc)
+        channel.send({"event": "load_failed", "error": str(exc)})
+        return EXIT_FATAL
+
+    import uvloop
+
+    w = WorkerProcess(cfg, slot, generation, channel, listeners, loaded, logs, cores, device_label)
+    return uvloop.run(w.run())
+
+
+def _load_models(cfg: Config, slot: int) -> dict[str, tuple[ModelConf, Any, float]]:
+    from models.base import load_model
+    from server.metrics import LOAD_SECONDS
+
+    loaded = {}
+    for mc in cfg.models_on(slot):
+        started = time.perf_counter()
+        try:
+            model = load_model(mc.path, slot_device(cfg, mc, slot))
+            model.warmup()
+        except Exception as exc:
+            raise RuntimeError(f'model "{mc.name}" ({mc.path}): {exc}') from exc
+        seconds = time.perf_counter() - started
+        LOAD_SECONDS.labels(mc.name).set(seconds)
+        log.info('model "%s" (%s) loaded and warmed up in %.2fs', mc.name, model.model_type, seconds)
+        loaded[mc.name] = (mc, model, seconds)
+    return loaded
+
+
+def model_metadata(name: str, mc: ModelConf, model: Any) -> dict[str, Any]:
+    """KServe model metadata, with the Triton-style config under "config"."""
+    return {
+        "name": name,
+        "versions": ["1"],
+        "platform": f"modelsrv_{model.model_type}",
+        "inputs": [s.metadata() for s in model.inputs],
+        "outputs": [s.metadata() for s in model.outputs],
+        "config": {
+            "name": name,
+            "platform": f"modelsrv_{model.model_type}",
+            "max_batch_size": mc.max_batch_size,
+            "input": [{"name": s.name, "data_type": f"TYPE_{s.datatype}", "dims": list(s.shape[1:]), "optional": s.optional}
+                      for s in model.inputs],
+            "output": [{"name": s.name, "data_type": f"TYPE_{s.datatype}", "dims": list(s.shape[1:])} for s in model.outputs],
+            "dynamic_batching": {"max_queue_delay_microseconds": int(mc.batch_timeout * 1e6),
+                                 "default_queue_policy": {"max_queue_size": mc.max_queue_size}},
+        },
+    }
+
+
+class WorkerProcess:
+    def __init__(self, cfg: Config, slot: int, generation: int, channel: Channel, listeners: dict[str, socket.socket],
+                 loaded: dict[str, tuple[ModelConf, Any, float]], logs: Logs, cores: list[int] | None, device: str) -> None:
+        self.cfg, self.slot, self.generation = cfg, slot, generation
+        self.channel, self.listeners, self.loaded, self.logs = channel, listeners, loaded, logs
+        self.cores, self.device = cores, device
+        # the flags of ngx_worker_process_cycle
+        self.terminate = self.quit = self.exiting = self.reopen = False
+        self.wake = asyncio.Event()
+        self.ready = False
+
+    def _flag(self, name: str) -> None:
+        setattr(self, name, True)
+        self.wake.set()
+
+    async def run(self) -> int:
+        import zmq.asyncio
+
+        from server.batcher import Batcher, Device
+        from server.engine import Engine
+        from server.http import HttpServer
+        from server.zmq_front import ZmqServer
+
+        loop = asyncio.get_running_loop()
+        for signum, flag in ((signal.SIGQUIT, "quit"), (signal.SIGTERM, "terminate"), (signal.SIGUSR1, "reopen")):
+            loop.add_signal_handler(signum, self._flag, flag)
+        loop.add_reader(self.channel.fileno(), self._on_channel)
+
+        device = Device()
+        models = {name: model for name, (_, model, _) in self.loaded.items()}
+        batchers = {name: Batcher(name, model, mc, device) for name, (mc, model, _) in self.loaded.items()}
+        meta = {name: model_metadata(name, mc, model) for name, (mc, model, _) in self.loaded.items()}
+        for b in batchers.values():
+            b.start()
+        self.ctx = zmq.asyncio.Context()
+        self.engine = Engine(self.slot, self.generation, models, batchers, meta, self.ctx)
+        access = self.logs.access_line
+        self.http = HttpServer(self.engine, self.cfg, access, lambda: self.ready)
+        self.zmq = ZmqServer(self.engine, self.ctx, access, lambda: self.ready, self.cfg.client_max_body_size)
+        self.http_servers = []
+        for key, sock in self.listeners.items():
+            kind, host, port = key.split(":", 2)[0], *key.split(":", 1)[1].rsplit(":", 1)
+            if kind == "http":
+                self.http_servers.append(await loop.create_server(self.http.protocol, sock=sock, backlog=1024))
+            else:
+                self.zmq.bind_inherited(sock, host, int(port))
+        self.ipc = f"ipc://{self.cfg.run_dir}/worker-{os.getpid()}.sock"
+        self.zmq.bind_internal(self.ipc)
+
+        self.ready = True
+        from server.metrics import WORKERS_READY
+
+        WORKERS_READY.inc()
+        self.channel.send({"event": "ready", "ipc": self.ipc, "models": sorted(models), "meta": meta})
+        log.info("worker #%d ready on %s, cores %s", self.slot, self.device, self.cores or "all")
+        heartbeat = loop.create_task(self._heartbeat())
+        code = await self._cycle()
+        heartbeat.cancel()
+        WORKERS_READY.dec()
+        self.zmq.close()
+        self.engine.close()
+        self.ctx.destroy(linger=0)
+        try:
+            os.unlink(self.ipc[len("ipc://"):])
+        except OSError:
+            pass
+        log.info("exit")
+        self.logs.close()
+        sys.stdout.flush()
+        return code
+
+    async def _cycle(self) -> int:
+        """Act on the flags until exiting is done (ngx_worker_process_cycle)."""
+        deadline = None
+        while True:
+            try:
+                await asyncio.wait_for(self.wake.wait(), 0.1 if self.exiting else None)
+            except asyncio.TimeoutError:
+                pass
+            self.wake.clear()
+            if self.terminate:
+                log.info("exiting (terminate)")
+                return 0
+            if self.quit and not self.exiting:
+                self.exiting = True
+                self.ready = False
+                log.info("gracefully shutting down")
+                self._stop_accepting()
+                self.http.drain()
+                self.zmq.draining = True
+                self.engine.draining = True
+                deadline = time.monotonic() + self.cfg.worker_shutdown_timeout
+            if self.reopen:
+                self.reopen = False
+                self.logs.reopen()
+                log.info("reopened logs")
+            if self.exiting:
+                held = self.engine.outstanding + self.http.busy + self.zmq.inflight
+                if held == 0 and not self.http.connections and self.zmq.idle_for() > 0.5:
+                    return 0
+                if time.monotonic() > deadline:
+                    log.warning("worker_shutdown_timeout: exiting with %d request(s) held", held)
+                    return 0
+                self.http.drain()
+
+    def _stop_accepting(self) -> None:
+        """Close our copies of the HTTP listening sockets, first taking every connection already queued.
+
+        A client whose connection completed its handshake has sent its request as far as it can
+        tell; answering it is part of a graceful drain. New connections then go to the workers
+        still accepting (on reload or upgrade) or are refused (on shutdown).
+        """
+        loop = asyncio.get_running_loop()
+        for key, sock in self.listeners.items():
+            if not key.startswith("http:"):
+                continue
+            while True:
+                try:
+                    conn, _ = sock.accept()
+                except (BlockingIOError, InterruptedError, OSError):
+                    break
+                conn.setblocking(False)
+                loop.create_task(loop.connect_accepted_socket(self.http.protocol, conn))
+        for server in self.http_servers:
+            server.close()
+
+    def _on_channel(self) -> None:
+        try:
+            msg = self.channel.recv()
+        except OSError:
+            msg = None
+        if msg is None:  # the master is gone: nobody would restart or retire us
+            asyncio.get_running_loop().remove_reader(self.channel.fileno())
+            log.error("channel to the master closed: exiting")
+            self._flag("quit")
+            return
+        cmd = msg.get("cmd")
+        if cmd in ("quit", "terminate", "reopen"):
+            self._flag(cmd)
+        elif cmd == "peers":
+            self.engine.set_peers(msg.get("peers", []))
+
+    async def _heartbeat(self) -> None:
+        """Proof of a live event loop: a wedged loop sends nothing and the master kills it."""
+        while True:
+            self.channel.send({"event": "heartbeat", "outstanding": self.engine.outstanding})
+            await asyncio.sleep(HEARTBEAT_EVERY)

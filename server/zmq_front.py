@@ -1,0 +1,155 @@
+"""The ZeroMQ front door: ROUTER sockets speaking the wire format of ``server.wire``.
+
+Each worker binds a ROUTER on the master's listening socket with ``zmq.USE_FD``, so TCP
+connections spread over workers as nginx's shared accept does and the socket survives a binary
+upgrade. The same handler serves the worker's internal ipc endpoint, where peers forward
+requests (marked ``fwd``, never forwarded again).
+
+Draining happens in the protocol: a draining worker still answers, marks each reply
+``closing`` so clients reconnect elsewhere, and closes once it has been idle for a moment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from models.base import InputError
+from server import metrics, wire
+from server.engine import Engine, error_code
+from server.logs import log
+
+
+class ZmqServer:
+    def __init__(self, engine: Engine, ctx: zmq.asyncio.Context, access: Callable[[str], None],
+                 is_ready: Callable[[], bool], max_message: int) -> None:
+        self.engine = engine
+        self.max_message = max_message
+        self.ctx = ctx
+        self.access = access
+        self.is_ready = is_ready
+        self.sockets: list[zmq.asyncio.Socket] = []
+        self.readers: list[asyncio.Task] = []
+        self.inflight = 0
+        self.last_request = time.monotonic()
+        self.draining = False
+
+    def bind_inherited(self, sock: socket.socket, host: str, port: int) -> None:
+        router = self._router()
+        router.setsockopt(zmq.USE_FD, os.dup(sock.fileno()))  # libzmq owns (and closes) the duplicate
+        router.bind(f"tcp://{host}:{port}")
+        self._serve(router, "zmq")
+
+    def bind_internal(self, endpoint: str) -> None:
+        router = self._router()
+        router.bind(endpoint)
+        self._serve(router, "peer")
+
+    def _router(self) -> zmq.asyncio.Socket:
+        router = self.ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 1000)
+        self.sockets.append(router)
+        return router
+
+    def _serve(self, router: zmq.asyncio.Socket, protocol: str) -> None:
+        self.readers.append(asyncio.get_running_loop().create_task(self._read(router, protocol)))
+
+    async def _read(self, router: zmq.asyncio.Socket, protocol: str) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                frames = await router.recv_multipart(copy=False)
+            except (asyncio.CancelledError, zmq.ZMQError):
+                return
+            self.last_request = time.monotonic()
+            if len(frames) < 2:
+                continue  # not even an identity and a header: nothing to answer to
+            self.inflight += 1
+            loop.create_task(self._handle(router, protocol, frames))
+
+    async def _handle(self, router: zmq.asyncio.Socket, protocol: str, frames: list[Any]) -> None:
+        started = time.perf_counter()
+        identity, header_frame, payload = frames[0], frames[1], frames[2:]
+        request_id: Any = None
+        model = "-"
+        extra: dict[str, Any] = {"closing": True} if self.draining and protocol == "zmq" else {}
+        try:
+            header = wire.unpack(header_frame.buffer)
+            request_id = header.get("id")
+            size = sum(len(f.buffer) for f in payload)
+            if size > self.max_message:
+                raise wire.MessageTooLarge(f"message of {size} bytes exceeds client_max_body_size {self.max_message}")
+            op = header.get("op")
+            if op == "infer":
+                model = header.get("model")
+                if not isinstance(model, str):
+                    raise wire.WireError("infer needs a 'model' name")
+                inputs = wire.decode_tensors(header.get("inputs"), payload)
+                params = header.get("parameters") or {}
+                if not isinstance(params, dict):
+                    raise wire.WireError("'parameters' must be a map")
+                outputs, timing = await self.engine.infer(model, inputs, params, forwarded=bool(header.get("fwd")))
+                t = {"queue_ms": timing.queue_ms, "compute_ms": timing.compute_ms, "batch_size": timing.batch_size}
+                reply = wire.reply_ok(request_id, outputs, timing=t, **extra)
+                self._log(protocol, model, 200, frames, reply, started, timing)
+            else:
+                reply = wire.reply_ok(request_id, **self._control(op, header), **extra)
+        except Exception as exc:
+            code = error_code(exc)
+            if code == 500:
+                log.exception("zmq request failed")
+            reply = wire.reply_error(request_id, code, str(exc) or type(exc).__name__, **extra)
+            if model != "-":
+                self._log(protocol, model, code, frames, reply, started, None)
+        finally:
+            self.inflight -= 1
+        try:
+            await router.send_multipart([identity, *reply], copy=False)
+        except zmq.ZMQError as exc:  # the client is gone: nothing to answer
+            log.info("zmq reply dropped: %s", exc)
+
+    def _control(self, op: Any, header: dict[str, Any]) -> dict[str, Any]:
+        if op == "live":
+            return {"live": True}
+        if op == "ready":
+            name = header.get("model")
+            if name is None:
+                return {"ready": self.is_ready() and not self.draining}
+            return {"ready": self.engine.metadata(name) is not None}
+        if op == "models":
+            return {"models": self.engine.known_models()}
+        if op == "metadata":
+            meta = self.engine.metadata(str(header.get("model")))
+            if meta is None:
+                from server.engine import NotFound
+
+                raise NotFound(f"unknown model {header.get('model')!r}")
+            return {"metadata": meta}
+        raise InputError(f"unknown op {op!r} (infer, live, ready, models, metadata)")
+
+    def _log(self, protocol: str, model: str, code: int, frames: list[Any], reply: list[Any], started: float, timing: Any) -> None:
+        if protocol == "zmq":
+            metrics.REQUESTS.labels(model, "zmq", "ok" if code == 200 else str(code)).inc()
+            metrics.REQUEST_SECONDS.labels(model).observe(time.perf_counter() - started)
+        size_in = sum(len(f.buffer) if hasattr(f, "buffer") else len(f) for f in frames[1:])
+        size_out = sum(len(f) if isinstance(f, (bytes, bytearray)) else memoryview(f).nbytes for f in reply)
+        q, c, b = (f"{timing.queue_ms:.2f}", f"{timing.compute_ms:.2f}", timing.batch_size) if timing else ("-", "-", "-")
+        stamp = time.strftime("%d/%b/%Y:%H:%M:%S %z")
+        self.access(f'- [{stamp}] {protocol} "infer {model}" {code} model={model} in={size_in} out={size_out} '
+                    f"queue_ms={q} compute_ms={c} batch={b} rt_ms={(time.perf_counter() - started) * 1000:.2f}")
+
+    def idle_for(self) -> float:
+        return 0.0 if self.inflight else time.monotonic() - self.last_request
+
+    def close(self) -> None:
+        for task in self.readers:
+            task.cancel()
+        for s in self.sockets:
+            s.close(linger=500)

@@ -1,0 +1,285 @@
+"""The process core through the real entry point: bin/modelsrv, its signals, its logs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import BIN, Load, alive, fixture_path, http, infer_json, title, wait_for
+
+TINY = fixture_path("densenet_tiny", "model")
+SMALL_IMAGE = [{"name": "images", "datatype": "FP32", "shape": [1, 3, 32, 32], "data": [0.5] * (3 * 32 * 32)}]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN), *args], capture_output=True, text=True, timeout=60)
+
+
+# -- command line ------------------------------------------------------------------------------
+
+def test_version() -> None:
+    r = run_cli("-v")
+    assert r.returncode == 0 and r.stdout.startswith("modelsrv version: modelsrv/")
+
+
+def test_config_test_good_and_includes(make_server) -> None:
+    s = make_server()
+    (s.prefix / "conf" / "conf.d").mkdir()
+    (s.prefix / "conf" / "conf.d" / "other.conf").write_text(f"model other {{\n    path {TINY};\n}}\n")
+    s.write_conf(text=s.conf_text() + "include conf.d/*.conf;\n")
+    r = run_cli("-c", str(s.conf), "-t")
+    assert r.returncode == 0, r.stderr
+    assert "syntax is ok" in r.stderr and "test is successful" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "mistake, message, line",
+    [
+        ("bogus_directive on;", 'unknown directive "bogus_directive"', 5),
+        ("worker_timeout 10", 'invalid number of arguments in "worker_timeout"', 5),  # missing ";"
+        ("worker_timeout ten;", 'invalid time "ten"', 5),
+        ("daemon maybe;", 'it must be "on" or "off"', 5),
+        ("model m {\n  path /nonexistent/model;\n}", "does not exist", 5),
+        ("model m {\n  path %s;\n  max_batch_size -3;\n}" % TINY, "max_batch_size", 7),
+    ],
+)
+def test_config_test_errors_name_file_and_line(make_server, mistake: str, message: str, line: int | None) -> None:
+    s = make_server()
+    text = s.conf_text()
+    lines = text.splitlines()
+    lines.insert(4, mistake)  # becomes line 5
+    s.write_conf(text="\n".join(lines) + "\n")
+    r = run_cli("-c", str(s.conf), "-t")
+    assert r.returncode == 1
+    assert message in r.stderr, r.stderr
+    assert str(s.conf) in r.stderr
+    if line is not None:
+        assert f"{s.conf}:{line}" in r.stderr, r.stderr
+    assert "test failed" in r.stderr
+
+
+def test_config_error_in_included_file_names_that_file(make_server) -> None:
+    s = make_server()
+    inc = s.prefix / "conf" / "bad.conf"
+    inc.write_text("\n\nmodel x {\n  wrong_thing 1;\n}\n")
+    s.write_conf(text=s.conf_text() + "include bad.conf;\n")
+    r = run_cli("-c", str(s.conf), "-t")
+    assert r.returncode == 1 and f"{inc}:4" in r.stderr, r.stderr
+
+
+# -- start, stop ---------------------------------------------------------------------------------
+
+def test_start_ready_titles_pinning_and_terminate(make_server) -> None:
+    s = make_server().start()
+    master = s.master_pid()
+    assert master == s.proc.pid
+    assert title(master).startswith("modelsrv: master process")
+    workers = s.worker_pids()
+    assert len(workers) == 2
+    assert sorted(title(p) for p in workers) == ["modelsrv: worker process #0 (cpu)", "modelsrv: worker process #1 (cpu)"]
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) >= 2:  # worker_cpu_affinity auto: disjoint shares of the cores
+        pinned = [os.sched_getaffinity(p) for p in workers]
+        assert not (pinned[0] & pinned[1]) and all(pinned)
+    status, _, body = http("GET", s.url + "/v2/health/live")
+    assert status == 200
+    s.signal(signal.SIGTERM)
+    assert s.wait_exit(20) == 0
+    assert not any(alive(p) for p in workers)
+    assert not s.pid_file.exists()
+
+
+def test_quit_finishes_every_inflight_request(make_server) -> None:
+    import http.client
+    import json
+
+    s = make_server(models={"tiny": {"path": str(TINY), "max_batch_size": 1}}, workers=1).start()
+    body = json.dumps({"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 3, 448, 448],
+                                   "data": [0.1] * (3 * 448 * 448)}]}).encode()
+    conns = []
+    for _ in range(8):  # every request fully sent (accepted and in flight) before QUIT
+        c = http.client.HTTPConnection("127.0.0.1", s.http_port, timeout=60)
+        c.request("POST", "/v2/models/tiny/infer", body, {"Content-Type": "application/json"})
+        conns.append(c)
+    time.sleep(0.3)
+    s.signal(signal.SIGQUIT)
+    quit_at = time.monotonic()
+    answers = []
+    for c in conns:
+        r = c.getresponse()
+        r.read()
+        answers.append((r.status, time.monotonic()))
+    assert [status for status, _ in answers] == [200] * 8
+    assert any(t > quit_at + 0.05 for _, t in answers), "every request finished before QUIT: the test proves nothing"
+    assert s.wait_exit(30) == 0
+    assert "gracefully shutting down" in s.log_text()
+
+
+def test_cli_signals_reload_and_stop(make_server) -> None:
+    s = make_server().start()
+    first = set(s.worker_pids())
+    assert run_cli("-c", str(s.conf), "-s", "reload").returncode == 0
+    wait_for(lambda: not (set(s.worker_pids()) & first) and len(s.worker_pids()) == 2, 60, what="workers replaced")
+    assert run_cli("-c", str(s.conf), "-s", "stop").returncode == 0
+    assert s.wait_exit(20) == 0
+
+
+# -- reload ------------------------------------------------------------------------------------
+
+def test_hup_adds_a_model_under_load_with_zero_failures(make_server) -> None:
+    s = make_server().start()
+    assert infer_json(s.url, "second", SMALL_IMAGE)[0] == 404
+    old = set(s.worker_pids())
+    with Load(s, "tiny", "http", threads=4) as load_http, Load(s, "tiny", "zmq", threads=2) as load_zmq:
+        time.sleep(0.5)
+        s.write_conf(models={**s.models, "second": {"path": str(TINY)}})
+        s.signal(signal.SIGHUP)
+        wait_for(lambda: not (set(s.worker_pids()) & old) and len(s.worker_pids()) == 2, 60, what="old workers retired")
+        time.sleep(0.5)
+    assert load_http.failures == [] and load_zmq.failures == []
+    assert load_http.ok > 10 and load_zmq.ok > 10
+    status, out = infer_json(s.url, "second", SMALL_IMAGE)
+    assert status == 200 and out["outputs"][0]["shape"] == [1, 7]
+
+
+def test_hup_with_broken_config_keeps_serving(make_server) -> None:
+    s = make_server().start()
+    workers = set(s.worker_pids())
+    s.write_conf(text=s.conf_text() + "model broken {\n  path /nope;\n}\n")
+    s.signal(signal.SIGHUP)
+    wait_for(lambda: "reload refused" in s.log_text(), 20, what="the refusal in the log")
+    assert "/nope" in s.log_text()
+    assert set(s.worker_pids()) == workers
+    assert infer_json(s.url, "tiny", SMALL_IMAGE)[0] == 200
+
+
+def test_hup_whose_new_workers_fail_to_load_keeps_old_generation(make_server, tmp_path: Path) -> None:
+    s = make_server().start()
+    workers = set(s.worker_pids())
+    bad = tmp_path / "bad_model"
+    bad.mkdir()
+    (bad / "config.json").write_text((TINY / "config.json").read_text())
+    (bad / "model.safetensors").write_bytes(b"this is not a safetensors file")
+    s.write_conf(models={**s.models, "bad": {"path": str(bad)}})
+    s.signal(signal.SIGHUP)
+    wait_for(lambda: "reload aborted" in s.log_text(), 60, what="the aborted reload")
+    time.sleep(1)
+    assert set(s.worker_pids()) == workers
+    assert infer_json(s.url, "tiny", SMALL_IMAGE)[0] == 200
+
+
+def test_worker_that_cannot_load_is_not_respawned_and_master_exits(make_server, tmp_path: Path) -> None:
+    bad = tmp_path / "bad_model"
+    bad.mkdir()
+    (bad / "config.json").write_text((TINY / "config.json").read_text())
+    (bad / "model.safetensors").write_bytes(b"garbage")
+    s = make_server(models={"bad": {"path": str(bad)}})
+    s.start(wait=False)
+    assert s.wait_exit(60) == 1
+    log = s.log_text()
+    assert log.count("start worker process") == 2  # no respawn storm
+    assert "cannot load its models" in log and 'model "bad"' in log
+    assert "no worker can serve" in log
+
+
+# -- logs ----------------------------------------------------------------------------------------
+
+def test_usr1_reopens_logs_in_every_process(make_server) -> None:
+    s = make_server().start()
+    assert infer_json(s.url, "tiny", SMALL_IMAGE)[0] == 200
+    os.rename(s.error_log, s.error_log.with_suffix(".log.1"))
+    os.rename(s.access_log, s.access_log.with_suffix(".log.1"))
+    assert run_cli("-c", str(s.conf), "-s", "reopen").returncode == 0
+    workers = s.worker_pids()
+    wait_for(lambda: s.error_log.exists() and s.log_text().count("reopened logs") == len(workers) + 1, 20,
+             what="reopen in the master and every worker")
+    for _ in range(6):
+        assert infer_json(s.url, "tiny", SMALL_IMAGE)[0] == 200
+    assert s.access_log.exists() and "/v2/models/tiny/infer" in s.access_log.read_text()
+    pids_in_log = {line.split("]")[1].split("#")[0].strip() for line in s.log_text().splitlines()}
+    assert {str(p) for p in [s.master_pid(), *workers]} <= pids_in_log
+
+
+# -- failures ------------------------------------------------------------------------------------
+
+def test_kill9_worker_under_load_respawns_in_its_slot(make_server) -> None:
+    s = make_server().start()
+    victim = next(p for p in s.worker_pids() if title(p).endswith("#1 (cpu)"))
+    pinning = os.sched_getaffinity(victim)
+    with Load(s, "tiny", "zmq", threads=3) as load:
+        time.sleep(0.5)
+        os.kill(victim, signal.SIGKILL)
+        new = wait_for(lambda: [p for p in s.worker_pids() if p != victim and title(p).endswith("#1 (cpu)")], 30,
+                       what="a new worker #1")[0]
+        wait_for(lambda: s.ready_count() >= 3, 30, what="the new worker ready")
+        time.sleep(0.5)
+    assert load.failures == [] and load.ok > 10
+    assert os.sched_getaffinity(new) == pinning
+    assert "exited on signal 9 (SIGKILL)" in s.log_text()
+
+
+def test_wedged_worker_is_killed_by_heartbeat_and_replaced(make_server) -> None:
+    s = make_server(extra="worker_timeout 2s;").start()
+    victim = s.worker_pids()[0]
+    os.kill(victim, signal.SIGSTOP)
+    wait_for(lambda: "sent no heartbeat" in s.log_text(), 20, what="the heartbeat timeout")
+    wait_for(lambda: len(s.worker_pids()) == 2 and victim not in s.worker_pids(), 30, what="a replacement")
+    wait_for(lambda: s.ready_count() >= 3, 30, what="the replacement ready")
+
+
+# -- binary upgrade ------------------------------------------------------------------------------
+
+def test_usr2_winch_quit_upgrade_under_load(make_server) -> None:
+    s = make_server().start()
+    old_master = s.master_pid()
+    old_workers = set(s.worker_pids())
+    with Load(s, "tiny", "http", threads=3) as load_http, Load(s, "tiny", "zmq", threads=2) as load_zmq:
+        time.sleep(0.3)
+        s.signal(signal.SIGUSR2)
+        oldbin = Path(str(s.pid_file) + ".oldbin")
+        wait_for(lambda: oldbin.exists() and s.pid_file.exists() and s.master_pid() != old_master, 30, what="new pid file")
+        new_master = s.master_pid()
+        assert int(oldbin.read_text()) == old_master
+        s.started_pids.add(new_master)
+        s.wait_ready(60, workers=2, master=new_master)
+        s.signal(signal.SIGWINCH, old_master)
+        wait_for(lambda: not any(alive(p) for p in old_workers), 30, what="old workers gone after WINCH")
+        assert alive(old_master)
+        s.signal(signal.SIGQUIT, old_master)
+        wait_for(lambda: not alive(old_master), 30, what="old master gone")
+        time.sleep(0.3)
+    assert load_http.failures == [] and load_zmq.failures == []
+    assert load_http.ok > 10 and load_zmq.ok > 10
+    assert not oldbin.exists() and s.master_pid() == new_master
+    assert infer_json(s.url, "tiny", SMALL_IMAGE)[0] == 200
+    s.signal(signal.SIGTERM, new_master)
+    wait_for(lambda: not alive(new_master), 30, what="new master gone")
+
+
+def test_usr2_rollback(make_server) -> None:
+    s = make_server().start()
+    old_master = s.master_pid()
+    s.signal(signal.SIGUSR2)
+    oldbin = Path(str(s.pid_file) + ".oldbin")
+    wait_for(lambda: oldbin.exists() and s.pid_file.exists() and s.master_pid() != old_master, 30, what="new master")
+    new_master = s.master_pid()
+    s.started_pids.add(new_master)
+    s.wait_ready(60, workers=2, master=new_master)
+    s.signal(signal.SIGWINCH, old_master)
+    wait_for(lambda: not s.worker_pids(old_master), 30, what="old workers gone")
+    with Load(s, "tiny", "zmq", threads=2) as load:
+        s.signal(signal.SIGHUP, old_master)  # rollback: the old master starts workers again
+        wait_for(lambda: len(s.worker_pids(old_master)) == 2, 30, what="old master's workers back")
+        wait_for(lambda: s.ready_count(old_master) >= 4, 30, what="old master's new workers ready")
+        time.sleep(0.5)
+        s.signal(signal.SIGQUIT, new_master)
+        wait_for(lambda: not alive(new_master), 30, what="new master gone")
+        time.sleep(0.5)
+    assert load.failures == [] and load.ok > 5
+    wait_for(lambda: not oldbin.exists() and s.pid_file.exists() and s.master_pid() == old_master, 10, what="pid file restored")
+    assert infer_json(s.url, "tiny", SMALL_IMAGE)[0] == 200
