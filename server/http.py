@@ -154,6 +154,7 @@ class HttpConnection(asyncio.Protocol):
         self.client = "-"
         self.opened = time.monotonic()
         self.served = 0
+        self.callback_error: HttpError | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -186,10 +187,9 @@ class HttpConnection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self._fail(400, "protocol upgrades are not supported")
         except httptools.HttpParserError as exc:
-            if not isinstance(exc.__context__, HttpError):
-                self._fail(400, f"malformed HTTP: {exc}")
-        except HttpError as exc:
-            self._fail(exc.status, str(exc))
+            # an HttpError raised in a callback reaches us wrapped by the parser
+            cause = self.callback_error or HttpError(400, f"malformed HTTP: {exc}")
+            self._fail(cause.status, str(cause))
 
     # -- parser callbacks -------------------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -206,12 +206,16 @@ class HttpConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         length = self.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.server.max_body:
-            raise HttpError(413, f"body of {length} bytes exceeds client_max_body_size {self.server.max_body}")
+            self._callback_fails(413, f"body of {length} bytes exceeds client_max_body_size {self.server.max_body}")
 
     def on_body(self, body: bytes) -> None:
         self.body += body
         if len(self.body) > self.server.max_body:
-            raise HttpError(413, f"body exceeds client_max_body_size {self.server.max_body}")
+            self._callback_fails(413, f"body exceeds client_max_body_size {self.server.max_body}")
+
+    def _callback_fails(self, status: int, message: str) -> None:
+        self.callback_error = HttpError(status, message)
+        raise self.callback_error
 
     def on_message_complete(self) -> None:
         self._disarm()
