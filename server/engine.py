@@ -24,6 +24,8 @@ from server import wire
 from server.batcher import Batcher, Overloaded, RequestTimeout, Timing, request_size
 from server.logs import log
 
+PEER_TIMEOUT = 300.0  # a bound for a forwarded request; a dead peer is noticed sooner, via the master
+
 
 class NotFound(LookupError):
     pass
@@ -193,7 +195,10 @@ class Engine:
                 await asyncio.wait_for(peer.socket.send_multipart(frames, copy=False), 1.0)
             except (asyncio.TimeoutError, zmq.ZMQError) as exc:
                 raise PeerUnavailable(f"peer {peer.key} not reachable: {exc}") from None
-            header, outputs = await fut
+            try:
+                header, outputs = await asyncio.wait_for(fut, PEER_TIMEOUT)
+            except asyncio.TimeoutError:
+                raise RemoteError(504, f"peer {peer.key} did not answer within {PEER_TIMEOUT:g}s") from None
             if not header.get("ok"):
                 code = header.get("code", 500)
                 message = header.get("error", "peer failed")

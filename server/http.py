@@ -20,7 +20,6 @@ from typing import Any
 
 import httptools
 
-from models.base import InputError
 from server import kserve, metrics
 from server.engine import Engine, error_code
 from server.logs import log

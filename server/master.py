@@ -228,7 +228,7 @@ class Master:
     def _flag_setter(self, flag: str):
         def handler(signum: int, frame: object) -> None:
             if flag == "reconfigure" and self.noaccepting:
-                setattr(self, "restart", True)  # nginx: HUP after WINCH restarts workers, old config
+                self.restart = True  # nginx: HUP after WINCH restarts workers, old config
                 return
             setattr(self, flag, True)
 
@@ -337,6 +337,7 @@ class Master:
                 pass
             w.channel.close()
             self._forget_metrics(pid)
+            self._broadcast_peers()  # peers waiting on it learn at once, and retry elsewhere
             how = self._describe_status(status)
             expected = w.state == "exiting"
             level = 20 if expected else 40

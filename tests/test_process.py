@@ -45,7 +45,7 @@ def test_config_test_good_and_includes(make_server) -> None:
         ("worker_timeout ten;", 'invalid time "ten"', 5),
         ("daemon maybe;", 'it must be "on" or "off"', 5),
         ("model m {\n  path /nonexistent/model;\n}", "does not exist", 5),
-        ("model m {\n  path %s;\n  max_batch_size -3;\n}" % TINY, "max_batch_size", 7),
+        (f"model m {{\n  path {TINY};\n  max_batch_size -3;\n}}", "max_batch_size", 7),
     ],
 )
 def test_config_test_errors_name_file_and_line(make_server, mistake: str, message: str, line: int | None) -> None:

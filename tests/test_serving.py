@@ -9,7 +9,6 @@ import json
 import re
 import socket
 import struct
-import time
 
 import msgpack
 import numpy as np
@@ -18,7 +17,7 @@ import zmq
 from safetensors.numpy import load_file
 
 from server.client import AsyncClient, Client, ModelsrvError
-from tests.conftest import fixture_path, http, infer_json, wait_for
+from tests.conftest import fixture_path, http, infer_json
 
 TINY = fixture_path("densenet_tiny", "model")
 IMAGES = fixture_path("densenet_tiny_images")
@@ -276,9 +275,8 @@ def test_zmq_garbage_and_bad_tensors_get_error_replies(server) -> None:
             s.send_multipart(frames)
             header = msgpack.unpackb(s.recv_multipart()[0])
             assert header["ok"] is False and fragment in header["error"], header
-        for frames, _ in cases[:1]:
-            s.send_multipart([struct.pack("<I", 7)])  # a header that is valid msgpack but not a map
-            assert msgpack.unpackb(s.recv_multipart()[0])["ok"] is False
+        s.send_multipart([struct.pack("<I", 7)])  # a header that is valid msgpack but not a map
+        assert msgpack.unpackb(s.recv_multipart()[0])["ok"] is False
     finally:
         s.close()
     with Client(server.zmq_address) as c:
