@@ -283,3 +283,45 @@ def test_usr2_rollback(make_server) -> None:
     assert load.failures == [] and load.ok > 5
     wait_for(lambda: not oldbin.exists() and s.pid_file.exists() and s.master_pid() == old_master, 10, what="pid file restored")
     assert infer_json(s.url, "tiny", SMALL_IMAGE)[0] == 200
+
+
+def test_unknown_device_is_a_config_error(make_server) -> None:
+    from server.config import count_gpus
+
+    s = make_server(models={"tiny": {"path": str(TINY), "device": "cuda:0"}})
+    r = run_cli("-c", str(s.conf), "-t")
+    if count_gpus():
+        assert r.returncode == 0, r.stderr
+        return
+    assert r.returncode == 1 and "no GPU is visible" in r.stderr and f"{s.conf}:" in r.stderr
+    s.write_conf(models={"tiny": {"path": str(TINY), "device": "tpu"}})
+    r = run_cli("-c", str(s.conf), "-t")
+    assert r.returncode == 1 and 'invalid device "tpu"' in r.stderr
+
+
+def test_daemon_on(make_server) -> None:
+    s = make_server(extra="daemon on;")
+    s.start(wait=False)
+    assert s.wait_exit(30) == 0  # the foreground process returns at once
+    wait_for(lambda: s.pid_file.exists(), 30, what="the daemon's pid file")
+    master = s.master_pid()
+    s.started_pids.add(master)
+    assert master != s.proc.pid and alive(master)
+    s.proc = None
+    s.wait_ready(60, master=master)
+    assert infer_json(s.url, "tiny", SMALL_IMAGE)[0] == 200
+    assert run_cli("-c", str(s.conf), "-s", "quit").returncode == 0
+    wait_for(lambda: not alive(master), 30, what="the daemon to exit")
+    assert not s.pid_file.exists()
+
+
+def test_hup_during_a_reload_is_not_lost(make_server) -> None:
+    s = make_server().start()
+    s.write_conf(models={**s.models, "a": {"path": str(TINY)}})
+    s.signal(signal.SIGHUP)
+    wait_for(lambda: "starting generation" in s.log_text(), 20, what="the first reload to start")
+    s.write_conf(models={**s.models, "a": {"path": str(TINY)}, "b": {"path": str(TINY)}})
+    s.signal(signal.SIGHUP)  # arrives while the first reload's workers are loading
+    wait_for(lambda: s.log_text().count("starting generation") == 2, 60, what="the second reload")
+    wait_for(lambda: infer_json(s.url, "b", SMALL_IMAGE)[0] == 200, 60, what='model "b" served')
+    assert infer_json(s.url, "a", SMALL_IMAGE)[0] == 200
