@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from models import weights
 from models.base import InputError, Model, RequestTensor, TensorSpec, register
 from models.convert import converter
 from models.weights import build_on_meta, load_into, read_state_dict, torch_load_tensors, write_model_folder
@@ -375,21 +376,6 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-classes", type=int)
 
 
-def _plain_state_dict(obj: Any) -> dict[str, torch.Tensor]:
-    """The tensor dict of a checkpoint: a bare state dict, or one under 'state_dict'/'model'."""
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not obj:
-        raise ValueError("checkpoint is not a state dict (a dict of parameter name -> tensor)")
-    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
-    if bad:
-        raise ValueError(f"checkpoint holds non-tensor entries: {bad[:5]}")
-    return obj
-
-
 def rename_legacy_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """'...denselayer1.norm.1.weight' -> '...denselayer1.norm1.weight'; strip a DataParallel 'module.'."""
     out: dict[str, torch.Tensor] = {}
@@ -430,19 +416,7 @@ def infer_config(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
 
 def check_state(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> None:
     """ValueError unless ``state`` has exactly the names and shapes of the architecture of ``config``."""
-    expected = build_on_meta(lambda: densenet_from_config(config)).state_dict()
-    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [
-        f"{k}: {tuple(state[k].shape)} != {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
-    ]
-    if missing or unexpected or shapes:
-        raise ValueError(
-            f"checkpoint does not match the DenseNet config {dict(config)}: missing {missing[:3]}, "
-            f"unexpected {unexpected[:3]}, wrong shapes {shapes[:3]}"
-        )
+    weights.check_state(lambda: densenet_from_config(config), state, f"the DenseNet config {dict(config)}")
 
 
 @converter("densenet", _add_arguments)
@@ -452,7 +426,7 @@ def convert_densenet(src: Path, out: Path, args: argparse.Namespace | None = Non
     The architecture is read off the weights; ``--arch`` or explicit options override it and are
     then checked against the weights (a mismatch is an error, never a silent partial load).
     """
-    state = rename_legacy_keys(_plain_state_dict(torch_load_tensors(Path(src))))
+    state = rename_legacy_keys(weights.plain_state_dict(torch_load_tensors(Path(src))))
     config = infer_config(state)
     if args is not None:
         if getattr(args, "arch", None):

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import weights
 from models.base import InputError, Model, RequestTensor, TensorSpec, register
 from models.convert import converter
 from models.weights import build_on_meta, load_into, read_state_dict, torch_load_tensors, write_model_folder
@@ -857,18 +858,6 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _plain_state_dict(obj: Any) -> dict[str, torch.Tensor]:
-    """The tensors of an mmcv checkpoint (``state_dict``), a bare state dict, or a DDP one."""
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not obj:
-        raise ValueError("checkpoint is not a state dict (expected a dict with 'state_dict': name -> tensor)")
-    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
-    if bad:
-        raise ValueError(f"checkpoint holds non-tensor entries: {bad[:5]}")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
-
-
 def _count(state: Mapping[str, torch.Tensor], pattern: str) -> int:
     """1 + the largest integer captured by ``pattern`` over the keys (0 when none match)."""
     found = [int(m.group(1)) for k in state if (m := re.match(pattern, k))]
@@ -932,19 +921,7 @@ def infer_config(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
 
 def check_state(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> None:
     """ValueError unless ``state`` has exactly the names and shapes of the architecture of ``config``."""
-    expected = build_on_meta(lambda: Detr3D(config)).state_dict()
-    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [
-        f"{k}: {tuple(state[k].shape)} != {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
-    ]
-    if missing or unexpected or shapes:
-        raise ValueError(
-            f"checkpoint does not match the inferred DETR3D config: missing {missing[:3]}, "
-            f"unexpected {unexpected[:3]}, wrong shapes {shapes[:3]}"
-        )
+    weights.check_state(lambda: Detr3D(config), state, "the inferred DETR3D config")
 
 
 @converter("detr3d", _add_arguments)
@@ -955,7 +932,7 @@ def convert_detr3d(src: Path, out: Path, args: argparse.Namespace | None = None)
     ``pts_bbox_head.code_weights`` (loss weights) is dropped; the architecture is read off the
     weights, the rest (pc_range, post_center_range, ...) takes the released nuScenes values.
     """
-    state = _plain_state_dict(torch_load_tensors(Path(src)))
+    state = {k.removeprefix("module."): v for k, v in weights.plain_state_dict(torch_load_tensors(Path(src))).items()}
     state = {k: v for k, v in state.items() if k not in TRAINING_ONLY_KEYS}
     config = infer_config(state)
     if args is not None:

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import weights
 from models.base import InputError, Model, RequestTensor, TensorSpec, register
 from models.convert import converter
 from models.weights import build_on_meta, load_into, read_state_dict, torch_load_tensors, write_model_folder
@@ -1161,21 +1162,6 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _plain_state_dict(obj: Any) -> dict[str, torch.Tensor]:
-    """The tensor dict of a checkpoint: a bare state dict, or one under 'state_dict'/'model'."""
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not obj:
-        raise ValueError("checkpoint is not a state dict (a dict of parameter name -> tensor)")
-    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
-    if bad:
-        raise ValueError(f"checkpoint holds non-tensor entries: {bad[:5]}")
-    return obj
-
-
 @converter("maskformer", _add_arguments)
 def convert_maskformer(src: Path, out: Path, args: argparse.Namespace | None = None) -> Path:
     """transformers ``pytorch_model.bin`` (Hub or ``torch.save(model.state_dict())``, either key
@@ -1194,7 +1180,7 @@ def convert_maskformer(src: Path, out: Path, args: argparse.Namespace | None = N
     if not isinstance(config, dict):
         raise ValueError(f"{config_path}: not a JSON object")
     settings = parse_config(config)
-    state = normalize_state_keys(_plain_state_dict(torch_load_tensors(src)), settings)
+    state = normalize_state_keys(weights.plain_state_dict(torch_load_tensors(src)), settings)
     check_state(settings, state)
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     return write_model_folder(Path(out), config, state)

@@ -8,8 +8,9 @@ instead of N private copies (``load_state_dict`` into real parameters copies the
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -102,3 +103,38 @@ def write_model_folder(out: Path, config: dict, state: dict[str, torch.Tensor]) 
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out
+
+
+def plain_state_dict(obj: Any) -> dict[str, torch.Tensor]:
+    """The tensor dict of a loaded checkpoint: a bare state dict, or one under 'state_dict'/'model'."""
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj:
+        raise ValueError("checkpoint is not a state dict (a dict of parameter name -> tensor)")
+    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"checkpoint holds non-tensor entries: {bad[:5]}")
+    return obj
+
+
+def check_state(factory: Callable[[], torch.nn.Module], state: Mapping[str, torch.Tensor], what: str) -> None:
+    """ValueError unless ``state`` has exactly the names and shapes of the module ``factory`` builds.
+
+    ``num_batches_tracked`` may be absent (torchvision's published files have none). Used by the
+    converters, so a checkpoint that does not fit its config is refused before anything is written.
+    """
+    expected = build_on_meta(factory).state_dict()
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k}: {tuple(state[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"checkpoint does not match {what}: missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shapes {shapes[:3]}"
+        )
