@@ -23,6 +23,7 @@ import torch
 from models.base import InputError, Model, RequestTensor
 from server import metrics
 from server.config import ModelConf
+from server.loadboard import LoadBoard
 
 
 class Overloaded(Exception):
@@ -80,8 +81,8 @@ class Device:
 
 
 class Batcher:
-    def __init__(self, name: str, model: Model, conf: ModelConf, device: Device) -> None:
-        self.name, self.model, self.conf, self.device = name, model, conf, device
+    def __init__(self, name: str, model: Model, conf: ModelConf, device: Device, board: LoadBoard | None = None) -> None:
+        self.name, self.model, self.conf, self.device, self.board = name, model, conf, device, board
         self.queue: deque[_Pending] = deque()
         self.wakeup = asyncio.Event()
         self.inflight = 0
@@ -100,8 +101,7 @@ class Batcher:
         size = request_size(inputs)
         future = asyncio.get_running_loop().create_future()
         self.queue.append(_Pending(inputs, parameters, future, size))
-        self.inflight += 1
-        metrics.INFLIGHT.labels(self.name).inc()
+        self._count(+1)
         metrics.QUEUED.labels(self.name).set(len(self.queue))
         self.wakeup.set()
         try:
@@ -110,8 +110,13 @@ class Batcher:
             future.cancel()  # a batch that has not started skips it
             raise RequestTimeout(f"model {self.name!r}: no result within {self.conf.request_timeout:g}s") from None
         finally:
-            self.inflight -= 1
-            metrics.INFLIGHT.labels(self.name).dec()
+            self._count(-1)
+
+    def _count(self, delta: int) -> None:
+        self.inflight += delta
+        metrics.INFLIGHT.labels(self.name).inc(delta)
+        if self.board is not None:
+            self.board.set(self.name, self.inflight)
 
     async def _loop(self) -> None:
         while True:

@@ -22,6 +22,7 @@ import zmq.asyncio
 from models.base import InputError, Model, RequestTensor
 from server import wire
 from server.batcher import Batcher, Overloaded, RequestTimeout, Timing, request_size
+from server.loadboard import PeerLoad
 from server.logs import log
 
 PEER_TIMEOUT = 300.0  # a bound for a forwarded request; a dead peer is noticed sooner, via the master
@@ -64,6 +65,7 @@ class Peer:
     ipc: str
     models: set[str]
     meta: dict[str, Any] = field(default_factory=dict)
+    load: PeerLoad | None = None  # the peer's own count of outstanding requests per model
     socket: zmq.asyncio.Socket | None = None
     outstanding: int = 0
     waiting: dict[int, asyncio.Future] = field(default_factory=dict)
@@ -93,7 +95,8 @@ class Engine:
             if key in self.peers:
                 self.peers[key].models = set(p["models"])
             else:
-                self.peers[key] = Peer(key, p["ipc"], set(p["models"]), p.get("meta", {}))
+                self.peers[key] = Peer(key, p["ipc"], set(p["models"]), p.get("meta", {}),
+                                       PeerLoad(p["load"], p["models"]) if p.get("load") else None)
 
     def _drop_peer(self, peer: Peer, exc: BaseException) -> None:
         for fut in peer.waiting.values():
@@ -139,9 +142,35 @@ class Engine:
         if batcher is None:
             return await self._on_peers(hosts, name, inputs, parameters)
         limit = batcher.conf.max_batch_size
-        if size <= limit or forwarded:
+        if forwarded:
+            return await batcher.submit(inputs, parameters)
+        if size <= limit:
+            peer = self._less_loaded_peer(batcher, hosts)
+            if peer is not None:
+                try:
+                    return await self._call_peer(peer, name, inputs, parameters)
+                except PeerUnavailable:
+                    pass
             return await batcher.submit(inputs, parameters)
         return await self._scatter_gather(batcher, hosts, name, inputs, parameters, size, limit)
+
+    def _less_loaded_peer(self, batcher: Batcher, hosts: list[Peer]) -> Peer | None:
+        """A peer to hand this request to because our queue is much deeper than its, or None.
+
+        Per-connection balancing (shared accept, keep-alive, one client holding one connection)
+        can pile requests on one worker while another idles; past a full batch of backlog, a
+        request is better served by a peer with less than half our load.
+        """
+        mine = batcher.outstanding
+        if mine < batcher.conf.max_batch_size or not hosts:
+            return None
+        best = min(hosts, key=lambda p: self._peer_load(p, batcher.name))
+        return best if self._peer_load(best, batcher.name) * 2 < mine else None
+
+    @staticmethod
+    def _peer_load(peer: Peer, model: str) -> int:
+        published = peer.load.get(model) if peer.load is not None else PeerLoad.UNKNOWN
+        return max(published, peer.outstanding)
 
     async def _scatter_gather(self, batcher: Batcher, hosts: list[Peer], name: str, inputs: Mapping[str, RequestTensor],
                               parameters: Mapping[str, Any], size: int, limit: int):

@@ -49,6 +49,7 @@ class Worker:
     term_delay: float = 0.0  # nginx's escalating TERM back-off
     respawn: bool = True
     ipc: str = ""
+    load: str = ""
     models: list[str] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
 
@@ -254,6 +255,7 @@ class Master:
         if event == "ready":
             w.state = "ready" if w.state == "starting" else w.state
             w.ipc = msg.get("ipc", "")
+            w.load = msg.get("load", "")
             w.models = msg.get("models", [])
             w.meta = msg.get("meta", {})
             self.failures.pop(w.slot, None)
@@ -266,7 +268,8 @@ class Master:
     def _broadcast_peers(self) -> None:
         """Tell every worker which ready workers host which models, for forwarding (nginx passes channels)."""
         peers = [
-            {"slot": w.slot, "generation": w.generation, "pid": w.pid, "ipc": w.ipc, "models": w.models, "meta": w.meta}
+            {"slot": w.slot, "generation": w.generation, "pid": w.pid, "ipc": w.ipc, "load": w.load, "models": w.models,
+             "meta": w.meta}
             for w in self.workers.values()
             if w.state == "ready" and w.ipc
         ]
@@ -337,6 +340,7 @@ class Master:
                 pass
             w.channel.close()
             self._forget_metrics(pid)
+            self._remove_worker_files(w)
             self._broadcast_peers()  # peers waiting on it learn at once, and retry elsewhere
             how = self._describe_status(status)
             expected = w.state == "exiting"
@@ -585,6 +589,16 @@ class Master:
             worker_died(self.metrics_dir, pid)
         except Exception as exc:  # metrics must never take the master down
             log.warning("cleaning metrics of worker %d failed: %s", pid, exc)
+
+    @staticmethod
+    def _remove_worker_files(w: Worker) -> None:
+        """A worker killed with -9 leaves its ipc socket and load board behind."""
+        for path in (w.ipc.removeprefix("ipc://"), w.load):
+            if path:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
 
     def _write_pid(self) -> None:
         path = self.cfg.pid

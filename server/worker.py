@@ -20,6 +20,7 @@ from typing import Any
 
 from server.channel import Channel
 from server.config import Config, ModelConf, slot_device
+from server.loadboard import LoadBoard
 from server.logs import Logs, log
 from server.master import EXIT_FATAL, HEARTBEAT_EVERY
 
@@ -137,7 +138,8 @@ class WorkerProcess:
 
         device = Device()
         models = {name: model for name, (_, model, _) in self.loaded.items()}
-        batchers = {name: Batcher(name, model, mc, device) for name, (mc, model, _) in self.loaded.items()}
+        self.board = LoadBoard(self.cfg.run_dir / f"worker-{os.getpid()}.load", sorted(models))
+        batchers = {name: Batcher(name, model, mc, device, self.board) for name, (mc, model, _) in self.loaded.items()}
         meta = {name: model_metadata(name, mc, model) for name, (mc, model, _) in self.loaded.items()}
         for b in batchers.values():
             b.start()
@@ -160,7 +162,7 @@ class WorkerProcess:
         from server.metrics import WORKERS_READY
 
         WORKERS_READY.inc()
-        self.channel.send({"event": "ready", "ipc": self.ipc, "models": sorted(models), "meta": meta})
+        self.channel.send({"event": "ready", "ipc": self.ipc, "load": str(self.board.path), "models": sorted(models), "meta": meta})
         log.info("worker #%d ready on %s, cores %s", self.slot, self.device, self.cores or "all")
         heartbeat = loop.create_task(self._heartbeat())
         code = await self._cycle()
@@ -169,6 +171,7 @@ class WorkerProcess:
         self.zmq.close()
         self.engine.close()
         self.ctx.destroy(linger=0)
+        self.board.close()
         try:
             os.unlink(self.ipc[len("ipc://"):])
         except OSError:

@@ -38,6 +38,7 @@ def server(tmp_path_factory):
         "only1": {"path": str(TINY), "workers": 1},
         "split": {"path": str(TINY), "max_batch_size": 2},
         "small_queue": {"path": str(TINY), "max_queue_size": 1, "max_batch_size": 1},
+        "balance": {"path": str(TINY), "max_batch_size": 2},
     }, http_extra="    client_max_body_size 16m;\n    client_body_timeout 2s;\n")
     s.start()
     yield s
@@ -145,6 +146,21 @@ def test_request_larger_than_max_batch_is_split_and_gathered_in_order(server) ->
     assert np.allclose(whole, one_by_one, atol=1e-5)
     log = server.access_log.read_text()
     assert re.search(r'peer "infer split" 200 .* batch=[12]', log), "no chunk ran on the peer worker"
+
+
+def test_deep_queue_hands_work_to_an_idle_peer(server) -> None:
+    """One connection lands on one worker; once its queue is deeper than a batch, a peer helps."""
+    x = np.random.default_rng(4).standard_normal((1, 3, 96, 96)).astype(np.float32)
+
+    async def burst() -> list:
+        async with AsyncClient(server.zmq_address, connections=1) as c:
+            return await asyncio.gather(*(c.infer("balance", {"images": x}) for _ in range(24)))
+
+    outs = asyncio.run(burst())
+    assert all(np.allclose(o["logits"], outs[0]["logits"], atol=1e-5) for o in outs)
+    log = server.access_log.read_text()
+    assert log.count('peer "infer balance" 200') > 0, "no request moved to the idle worker"
+    assert log.count('zmq "infer balance" 200') == 24
 
 
 def test_metrics_aggregate_over_workers(server) -> None:
