@@ -169,15 +169,20 @@ class JsonProc:
         self.buf = b""
 
     def call(self, cmd: dict[str, Any], timeout: float) -> dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
+        assert self.proc.stdin is not None
         self.proc.stdin.write((json.dumps(cmd) + "\n").encode())
         self.proc.stdin.flush()
+        reply = self.read(timeout, cmd.get("op", "?"))
+        return reply
+
+    def read(self, timeout: float, what: str = "startup") -> dict[str, Any]:
+        assert self.proc.stdout is not None
         deadline = time.monotonic() + timeout
         fd = self.proc.stdout.fileno()
         while b"\n" not in self.buf:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise RuntimeError(f"{self.name}: no answer to {cmd.get('op')} within {timeout:g}s")
+                raise RuntimeError(f"{self.name}: no answer to {what} within {timeout:g}s")
             r, _, _ = select.select([fd], [], [], left)
             if r:
                 chunk = os.read(fd, 1 << 16)

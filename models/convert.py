@@ -50,4 +50,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run as ``python -m models.convert``: this module is __main__, but the model files register
+    # their converters in ``models.convert``; use that one
+    from models.convert import main as registered_main
+
+    sys.exit(registered_main())

@@ -325,3 +325,51 @@ def test_hup_during_a_reload_is_not_lost(make_server) -> None:
     wait_for(lambda: s.log_text().count("starting generation") == 2, 60, what="the second reload")
     wait_for(lambda: infer_json(s.url, "b", SMALL_IMAGE)[0] == 200, 60, what='model "b" served')
     assert infer_json(s.url, "a", SMALL_IMAGE)[0] == 200
+
+
+def test_new_binary_that_dies_gives_the_pid_file_back(make_server) -> None:
+    s = make_server().start()
+    old_master = s.master_pid()
+    s.signal(signal.SIGUSR2)
+    oldbin = Path(str(s.pid_file) + ".oldbin")
+    wait_for(lambda: oldbin.exists() and s.pid_file.exists() and s.master_pid() != old_master, 30, what="new master")
+    new_master = s.master_pid()
+    s.started_pids.add(new_master)
+    new_workers = wait_for(lambda: s.worker_pids(new_master), 30, what="the new master's workers")
+    s.started_pids.update(new_workers)
+    os.kill(new_master, signal.SIGKILL)
+    wait_for(lambda: not oldbin.exists() and s.pid_file.exists() and s.master_pid() == old_master, 30,
+             what="the old master to take its pid file back")
+    assert "new binary process" in s.log_text()
+    # the orphaned new workers notice their master is gone and exit
+    wait_for(lambda: not any(alive(p) for p in new_workers), 60, what="the orphaned workers to exit")
+    assert infer_json(s.url, "tiny", SMALL_IMAGE)[0] == 200
+
+
+def test_converted_legacy_checkpoint_is_served(make_server, tmp_path: Path) -> None:
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    out = tmp_path / "converted"
+    r = subprocess.run([str(BIN.parent / "modelsrv-convert"), "densenet",
+                        str(fixture_path("densenet_tiny", "source", "densenet_tiny_legacy.pth")), str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    s = make_server(models={"converted": {"path": str(out)}}, workers=1).start()
+    from server.client import Client
+
+    inputs = load_file(str(fixture_path("densenet_tiny", "inputs.safetensors")))["images"]
+    expected = load_file(str(fixture_path("densenet_tiny", "expected.safetensors")))["logits"]
+    with Client(s.zmq_address) as c:
+        got = c.infer("converted", {"images": inputs})["logits"]
+    assert np.all(np.abs(got - expected) <= 1e-4 + 1e-4 * np.abs(expected))
+
+
+def test_converter_refuses_arbitrary_pickles(tmp_path: Path) -> None:
+    import pickle
+
+    evil = tmp_path / "evil.pth"
+    evil.write_bytes(pickle.dumps(subprocess.CompletedProcess(["x"], 0)))
+    r = subprocess.run([str(BIN.parent / "modelsrv-convert"), "densenet", str(evil), str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "refused" in r.stderr and not (tmp_path / "out").exists()
