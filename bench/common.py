@@ -193,7 +193,7 @@ class JsonProc:
         line, _, self.buf = self.buf.partition(b"\n")
         reply = json.loads(line)
         if "error" in reply:
-            raise RuntimeError(f"{self.name}: {reply['error']}")
+            raise RuntimeError(f"{self.name}: {reply['error']}\n{reply.get('trace', '')}")
         return reply
 
     def pids(self) -> list[int]:

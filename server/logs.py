@@ -22,6 +22,7 @@ LEVELS = {
     "alert": logging.CRITICAL + 5,
     "emerg": logging.CRITICAL + 10,
 }
+EMERG = LEVELS["emerg"]
 for _name, _level in LEVELS.items():
     logging.addLevelName(_level, _name)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from server import __version__
 from server.channel import Channel
 from server.config import Config, ConfigError, load_config, slot_cores, slot_gpu
-from server.logs import Logs, log
+from server.logs import EMERG, Logs, log
 
 # Exit status of a worker that cannot load its models: it is not respawned (no restart storm).
 EXIT_FATAL = 2
@@ -89,7 +89,7 @@ class Master:
         try:
             self._open_listeners(cfg)
         except OSError as exc:
-            log.log(60, "bind() failed: %s", exc)
+            log.log(EMERG, "bind() failed: %s", exc)
             return 1
         self._write_pid()
         self._install_signals()
@@ -113,9 +113,9 @@ class Master:
                 self.reap = False
                 self._reap_children()
                 if self._live_workers() == 0 and (self.terminate or self.quit):
-                    return 0
+                    return self.exit_code
                 if self._nothing_can_serve():
-                    log.log(60, "no worker can serve: every worker failed to load its models")
+                    log.log(EMERG, "no worker can serve: every worker failed to load its models")
                     self.terminate = True
                     self.exit_code = 1
 
@@ -149,10 +149,7 @@ class Master:
 
             if self.reconfigure and self.pending_generation is None:
                 self.reconfigure = False
-                if self.new_binary_pid:  # nginx: after USR2, HUP only restarts workers of this binary
-                    log.info("start new workers")
-                else:
-                    log.info("reconfiguring")
+                log.info("reconfiguring")
                 self._reconfigure()
 
             if self.restart:  # after noaccept, a HUP brings workers back (rollback of an upgrade)
@@ -344,8 +341,7 @@ class Master:
             self._broadcast_peers()  # peers waiting on it learn at once, and retry elsewhere
             how = self._describe_status(status)
             expected = w.state == "exiting"
-            level = 20 if expected else 40
-            log.log(level, "worker process %d #%d %s", pid, w.slot, how)
+            (log.info if expected else log.error)("worker process %d #%d %s", pid, w.slot, how)
             fatal = os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_FATAL
             if fatal:
                 w.respawn = False
@@ -443,12 +439,12 @@ class Master:
         try:
             cfg = load_config(self.config_path, self.prefix)
         except ConfigError as exc:
-            log.log(60, "%s: reload refused, keeping the running configuration", exc)
+            log.log(EMERG, "%s: reload refused, keeping the running configuration", exc)
             return
         try:
             self._open_listeners(cfg)
         except OSError as exc:
-            log.log(60, "bind() failed on reload: %s: keeping the running configuration", exc)
+            log.log(EMERG, "bind() failed on reload: %s: keeping the running configuration", exc)
             return
         self.pending_cfg = cfg
         self.pending_generation = self._new_generation()
