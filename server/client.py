@@ -188,6 +188,8 @@ class AsyncClient:
             except asyncio.TimeoutError:
                 conn.waiting.pop(request_id, None)
                 conn.retired = True
+                if not conn.waiting:  # nothing else expects a reply on it: close it now
+                    conn.close()
                 last = ModelsrvError(504, f"no reply from {self.address} within {self.timeout:g}s")
                 continue
             if not header.get("ok") and header.get("code") in RETRYABLE:
@@ -200,6 +202,12 @@ class AsyncClient:
     async def infer(self, model: str, inputs: Mapping[str, np.ndarray | list[bytes]],
                     parameters: Mapping[str, Any] | None = None) -> dict[str, np.ndarray | list[bytes]]:
         return await self.call("infer", model, inputs, parameters)
+
+    async def live(self) -> bool:
+        return bool((await self.call("live")).get("live"))
+
+    async def models(self) -> list[str]:
+        return list((await self.call("models"))["models"])
 
     async def ready(self, model: str | None = None) -> bool:
         return bool((await self.call("ready", model)).get("ready"))

@@ -113,6 +113,18 @@ def parse_listen(value: str, scheme: str | None = None) -> Listen:
     return Listen(host, int(port))
 
 
+def usable_cpus() -> int:
+    """CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota (containers)."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
 def count_gpus() -> int:
     """Visible NVIDIA GPUs, without initialising CUDA (the master must not: fork would break it)."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -336,7 +348,7 @@ def _resolve(cfg: Config, check_models: bool) -> None:
     if cfg.access_log is not None:
         cfg.access_log = absolute(cfg.access_log)
     if cfg.worker_processes == 0:
-        cfg.worker_processes = cfg.gpus or max(1, len(os.sched_getaffinity(0)))
+        cfg.worker_processes = cfg.gpus or usable_cpus()
     if isinstance(cfg.worker_cpu_affinity, list) and len(cfg.worker_cpu_affinity) < cfg.worker_processes:
         raise ConfigError(
             f"worker_cpu_affinity names {len(cfg.worker_cpu_affinity)} masks for {cfg.worker_processes} workers",
@@ -376,6 +388,13 @@ def slot_gpu(cfg: Config, slot: int) -> int | None:
         ids = [int(x) for x in explicit[0][5:].split(",")]
         return ids[slot % len(ids)]
     return slot % cfg.gpus
+
+
+def slot_threads(cfg: Config, slot: int) -> int:
+    """Torch threads of a worker: its cores, or its share of a container's CPU quota."""
+    if isinstance(cfg.worker_cpu_affinity, list):
+        return len(cfg.worker_cpu_affinity[slot])
+    return max(1, usable_cpus() // cfg.worker_processes)
 
 
 def slot_cores(cfg: Config, slot: int) -> list[int] | None:

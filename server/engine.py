@@ -122,6 +122,10 @@ class Engine:
             names |= peer.models
         return sorted(names)
 
+    def metric_label(self, name: str) -> str:
+        """The model label for metrics: client-chosen names of unknown models must not create series."""
+        return name if self.metadata(name) is not None else "unknown"
+
     def metadata(self, name: str) -> dict[str, Any] | None:
         """KServe model metadata (+ its config under "config"), for local models and peers' alike."""
         if name in self.meta:

@@ -279,8 +279,7 @@ class HttpConnection(asyncio.Protocol):
             response = error_response(status, str(exc) or type(exc).__name__, model=model)
         if model != "-" and req.path.endswith("/infer"):
             outcome = "ok" if response.status == 200 else str(response.status)
-            metrics.REQUESTS.labels(model, "http", outcome).inc()
-            metrics.REQUEST_SECONDS.labels(model).observe(time.perf_counter() - req.started)
+            metrics.observe_request(self.server.engine.metric_label(model), "http", outcome, time.perf_counter() - req.started)
         return response
 
     def _write(self, req: Request, response: Response, close: bool) -> None:

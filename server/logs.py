@@ -71,7 +71,7 @@ class Logs:
             log.removeHandler(h)
             h.close()
         log.addHandler(self.error)
-        if stderr:
+        if stderr and str(error_log) not in ("/dev/stderr", "/proc/self/fd/2", "/dev/stdout", "/proc/self/fd/1"):
             console = logging.StreamHandler(sys.stderr)
             console.setFormatter(_NginxFormatter(who))
             log.addHandler(console)

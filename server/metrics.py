@@ -31,6 +31,12 @@ WORKERS_READY = Gauge("modelsrv_workers_ready", "Workers serving", multiprocess_
 WORKER_STARTS = Counter("modelsrv_worker_starts", "Worker processes started, by slot (restarts included)", ["slot"])
 
 
+def observe_request(model: str, protocol: str, outcome: str, seconds: float) -> None:
+    """One answered inference request (``model`` is "unknown" for names no worker serves)."""
+    REQUESTS.labels(model, protocol, outcome).inc()
+    REQUEST_SECONDS.labels(model).observe(seconds)
+
+
 def render() -> bytes:
     """The text exposition of every process's metrics."""
     registry = CollectorRegistry()

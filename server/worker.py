@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from server.channel import Channel
-from server.config import Config, ModelConf, slot_device
+from server.config import Config, ModelConf, slot_device, slot_threads
 from server.loadboard import LoadBoard
 from server.logs import Logs, log
 from server.master import EXIT_FATAL, HEARTBEAT_EVERY
@@ -39,7 +39,7 @@ def worker_main(cfg: Config, slot: int, generation: int, channel: Channel, liste
     os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu) if gpu is not None else ""
     if cores:
         os.sched_setaffinity(0, cores)
-    threads = len(cores) if cores else len(os.sched_getaffinity(0))
+    threads = slot_threads(cfg, slot)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(threads)
 

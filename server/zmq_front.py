@@ -55,6 +55,7 @@ class ZmqServer:
     def _router(self) -> zmq.asyncio.Socket:
         router = self.ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 1000)
+        router.copy_threshold = wire.COPY_THRESHOLD
         self.sockets.append(router)
         return router
 
@@ -83,9 +84,11 @@ class ZmqServer:
         try:
             header = wire.unpack(header_frame.buffer)
             request_id = header.get("id")
-            size = sum(len(f.buffer) for f in payload)
+            size = sum(len(f.buffer) for f in frames[1:])  # the header too: BYTES travel inline in it
             if size > self.max_message:
                 raise wire.MessageTooLarge(f"message of {size} bytes exceeds client_max_body_size {self.max_message}")
+            if isinstance(header.get("v"), int) and header["v"] > wire.VERSION:
+                raise wire.WireError(f"protocol version {header['v']} is newer than this server's ({wire.VERSION})")
             op = header.get("op")
             if op == "infer":
                 model = header.get("model")
@@ -136,8 +139,8 @@ class ZmqServer:
 
     def _log(self, protocol: str, model: str, code: int, frames: list[Any], reply: list[Any], started: float, timing: Any) -> None:
         if protocol == "zmq":
-            metrics.REQUESTS.labels(model, "zmq", "ok" if code == 200 else str(code)).inc()
-            metrics.REQUEST_SECONDS.labels(model).observe(time.perf_counter() - started)
+            metrics.observe_request(self.engine.metric_label(model), "zmq", "ok" if code == 200 else str(code),
+                                    time.perf_counter() - started)
         size_in = sum(len(f.buffer) if hasattr(f, "buffer") else len(f) for f in frames[1:])
         size_out = sum(len(f) if isinstance(f, (bytes, bytearray)) else memoryview(f).nbytes for f in reply)
         q, c, b = (f"{timing.queue_ms:.2f}", f"{timing.compute_ms:.2f}", timing.batch_size) if timing else ("-", "-", "-")

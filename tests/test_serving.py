@@ -175,6 +175,10 @@ def test_metrics_aggregate_over_workers(server) -> None:
     assert 'modelsrv_batch_size_bucket{le="1.0",model="tiny"}' in text
     assert re.search(r"^modelsrv_workers_ready (\S+)$", text, re.M).group(1) == "2.0"
     assert 'modelsrv_model_load_seconds{model="tiny"}' in text
+    # a name no worker serves is counted as "unknown": clients cannot mint new series
+    infer_json(server.url, "made-up-name", [])
+    text = http("GET", server.url + "/metrics")[2].decode()
+    assert "made-up-name" not in text and 'model="unknown",outcome="404"' in text
 
 
 def test_overload_gives_503_with_retry_after(server) -> None:
@@ -268,6 +272,14 @@ def test_malformed_http_is_400(server) -> None:
         s.sendall(b"THIS IS NOT HTTP\r\n\r\n")
         assert s.recv(65536).startswith(b"HTTP/1.1 400")
     assert_still_serving(server)
+
+
+def test_zmq_oversized_message_is_413_even_with_inline_bytes(server) -> None:
+    with Client(server.zmq_address) as c, pytest.raises(ModelsrvError) as err:
+        c.infer("tiny", {"image": [b"x" * (17 << 20)]})
+    assert err.value.code == 413
+    with Client(server.zmq_address) as c:
+        assert c.infer("tiny", {"images": np.zeros((1, 3, 32, 32), np.float32)})["logits"].shape == (1, 7)
 
 
 def test_zmq_garbage_and_bad_tensors_get_error_replies(server) -> None:

@@ -1,0 +1,439 @@
+"""deploy/ and the protocol/metrics docs: small checks that fail when they drift from the code.
+
+Nothing here starts a server: the manifests are parsed, the ConfigMap's srv.conf goes through
+``bin/modelsrv -t``, and the docs are compared with the names the code defines.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from server.config import load_config, parse_time
+from tests.conftest import BIN, REPO, fixture_path
+
+DEPLOY = REPO / "deploy"
+K8S = DEPLOY / "kubernetes"
+UNIT = DEPLOY / "systemd" / "modelsrv.service"
+LOGROTATE = DEPLOY / "logrotate" / "modelsrv"
+DOCKERFILE = DEPLOY / "Dockerfile"
+INSTALL_DIR = "/opt/modelsrv"
+
+try:
+    import yaml
+except ImportError:  # PyYAML is not a dependency of the project; the minimal parser below stands in
+    yaml = None
+
+
+# -- a minimal YAML reader for the subset the manifests use -------------------------------------
+# (block mappings and sequences, "|" / ">-" block scalars, JSON-style flow values and quoted
+# strings, comments). Used when PyYAML is missing, and checked against PyYAML when it is there.
+
+def _strip_comment(text: str) -> str:
+    quote = None
+    for i, ch in enumerate(text):
+        if quote:
+            if ch == quote:
+                quote = None
+        elif ch in "\"'":
+            quote = ch
+        elif ch == "#" and (i == 0 or text[i - 1] in " \t"):
+            return text[:i].rstrip()
+    return text.rstrip()
+
+
+def _split_key(text: str) -> tuple[str, str] | None:
+    quote = None
+    for i, ch in enumerate(text):
+        if quote:
+            if ch == quote:
+                quote = None
+        elif ch in "\"'":
+            quote = ch
+        elif ch == ":" and (i + 1 == len(text) or text[i + 1] == " "):
+            return text[:i].strip().strip("\"'"), text[i + 1 :].strip()
+    return None
+
+
+def _scalar(text: str):
+    if text[0] in "\"[{":
+        return json.loads(text)
+    if text[0] == "'":
+        return text[1:-1].replace("''", "'")
+    if text in ("true", "false"):
+        return text == "true"
+    if text in ("null", "~"):
+        return None
+    if re.fullmatch(r"-?\d+", text):
+        return int(text)
+    return text
+
+
+class _MiniYaml:
+    def __init__(self, lines: list[str]) -> None:
+        self.lines, self.i = lines, 0
+
+    def _peek(self) -> tuple[int, str] | None:
+        while self.i < len(self.lines):
+            line = self.lines[self.i]
+            text = _strip_comment(line.strip())
+            if text:
+                if "\t" in line[: len(line) - len(line.lstrip())]:
+                    raise ValueError(f"line {self.i + 1}: tab in indentation")
+                return len(line) - len(line.lstrip(" ")), text
+            self.i += 1
+        return None
+
+    def parse(self):
+        p = self._peek()
+        if p is None:
+            return None
+        value = self._block(p[0])
+        if self._peek() is not None:
+            raise ValueError(f"line {self.i + 1}: bad indentation")
+        return value
+
+    def _block(self, indent: int):
+        _, text = self._peek()
+        return self._seq(indent) if text == "-" or text.startswith("- ") else self._map(indent)
+
+    def _seq(self, indent: int) -> list:
+        out = []
+        while (p := self._peek()) and p[0] == indent and (p[1] == "-" or p[1].startswith("- ")):
+            rest = p[1][1:].lstrip()
+            if not rest:
+                self.i += 1
+                q = self._peek()
+                out.append(self._block(q[0]) if q and q[0] > indent else None)
+            elif rest in ("|", "|-", ">", ">-"):
+                self.i += 1
+                out.append(self._block_scalar(rest, indent))
+            elif _split_key(rest):
+                column = indent + len(p[1]) - len(rest)
+                self.lines[self.i] = " " * column + rest  # the item's mapping starts at its first key
+                out.append(self._map(column))
+            else:
+                self.i += 1
+                out.append(_scalar(rest))
+        if p and p[0] > indent:
+            raise ValueError(f"line {self.i + 1}: bad indentation")
+        return out
+
+    def _map(self, indent: int) -> dict:
+        out: dict = {}
+        while (p := self._peek()) and p[0] == indent and not (p[1] == "-" or p[1].startswith("- ")):
+            kv = _split_key(p[1])
+            if kv is None:
+                raise ValueError(f"line {self.i + 1}: expected 'key: value', got {p[1]!r}")
+            key, rest = kv
+            if key in out:
+                raise ValueError(f"line {self.i + 1}: duplicate key {key!r}")
+            self.i += 1
+            if rest in ("|", "|-", ">", ">-"):
+                out[key] = self._block_scalar(rest, indent)
+            elif rest:
+                out[key] = _scalar(rest)
+            else:
+                q = self._peek()
+                nested = q and (q[0] > indent or (q[0] == indent and (q[1] == "-" or q[1].startswith("- "))))
+                out[key] = self._block(q[0]) if nested else None
+        if p and p[0] > indent:
+            raise ValueError(f"line {self.i + 1}: bad indentation")
+        return out
+
+    def _block_scalar(self, style: str, indent: int) -> str:
+        raw = []
+        while self.i < len(self.lines):
+            line = self.lines[self.i]
+            if line.strip() and len(line) - len(line.lstrip(" ")) <= indent:
+                break
+            raw.append(line)
+            self.i += 1
+        while raw and not raw[-1].strip():
+            raw.pop()
+        if not raw:
+            return ""
+        cut = min(len(x) - len(x.lstrip(" ")) for x in raw if x.strip())
+        body = [x[cut:] if x.strip() else "" for x in raw]
+        text = "\n".join(body) if style[0] == "|" else " ".join(b for b in body if b)
+        return text if style.endswith("-") else text + "\n"
+
+
+def mini_yaml_load_all(text: str) -> list:
+    docs, current = [], []
+    for line in text.splitlines():
+        if line.strip() == "---":
+            docs.append(current)
+            current = []
+        else:
+            current.append(line)
+    docs.append(current)
+    return [d for d in (_MiniYaml(lines).parse() for lines in docs) if d is not None]
+
+
+def load_yaml(path: Path) -> list:
+    text = path.read_text()
+    docs = list(yaml.safe_load_all(text)) if yaml is not None else mini_yaml_load_all(text)
+    return [d for d in docs if d is not None]
+
+
+def manifests() -> dict[str, dict]:
+    """kind -> the one object of that kind in deploy/kubernetes (kustomization excluded)."""
+    found: dict[str, dict] = {}
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in load_yaml(path):
+            assert isinstance(doc, dict) and "kind" in doc, f"{path.name}: a document without a kind"
+            assert doc["kind"] not in found, f"two {doc['kind']} objects"
+            found[doc["kind"]] = doc
+    return found
+
+
+def container() -> dict:
+    (c,) = manifests()["Deployment"]["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+# -- the YAML reader itself ----------------------------------------------------------------------
+
+def test_minimal_yaml_reader_on_a_known_sample() -> None:
+    sample = (
+        "# comment\n"
+        "a: 1\n"
+        "b: \"x # not a comment\"   # a comment\n"
+        "c:\n"
+        "  - name: one\n"
+        "    port: 80\n"
+        "  - [\"ALL\"]\n"
+        "  - -c\n"
+        "  - >-\n"
+        "    a\n"
+        "    b\n"
+        "d: |\n"
+        "  line one # kept\n"
+        "\n"
+        "    indented\n"
+        "e: >-\n"
+        "  folded\n"
+        "  text\n"
+        "f:\n"
+        "g: 'it''s'\n"
+    )
+    assert mini_yaml_load_all(sample) == [{
+        "a": 1, "b": "x # not a comment", "c": [{"name": "one", "port": 80}, ["ALL"], "-c", "a b"],
+        "d": "line one # kept\n\n  indented\n", "e": "folded text", "f": None, "g": "it's",
+    }]
+    with pytest.raises(ValueError):
+        mini_yaml_load_all("a: 1\n b: 2\n")
+
+
+def test_minimal_yaml_reader_agrees_with_pyyaml_on_the_manifests() -> None:
+    files = sorted(K8S.glob("*.yaml"))
+    assert len(files) >= 3
+    for path in files:
+        mini = mini_yaml_load_all(path.read_text())
+        assert mini, f"{path.name} is empty"
+        if yaml is not None:
+            assert mini == [d for d in yaml.safe_load_all(path.read_text()) if d is not None], path.name
+
+
+# -- Kubernetes ------------------------------------------------------------------------------------
+
+def test_manifests_parse_and_hold_the_expected_objects() -> None:
+    objects = manifests()
+    assert {"ConfigMap", "Deployment", "Service"} <= set(objects)
+    kustomization = load_yaml(K8S / "kustomization.yaml")[0]
+    listed = set(kustomization["resources"])
+    assert listed == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    deployment = objects["Deployment"]
+    assert deployment["apiVersion"] == "apps/v1"
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert objects["Service"]["spec"]["selector"].items() <= labels.items()
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["conf"]["configMap"]["name"] == objects["ConfigMap"]["metadata"]["name"]
+    mounts = {m["mountPath"]: m["name"] for m in container()["volumeMounts"]}
+    assert mounts[f"{INSTALL_DIR}/conf"] == "conf"
+
+
+def test_probe_paths_are_routes_of_the_http_server() -> None:
+    source = (REPO / "server" / "http.py").read_text()
+    c = container()
+    probes = {kind: c[kind]["httpGet"] for kind in ("startupProbe", "livenessProbe", "readinessProbe")}
+    assert probes["livenessProbe"]["path"] == "/v2/health/live"
+    assert probes["readinessProbe"]["path"] == "/v2/health/ready"
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    for kind, get in probes.items():
+        assert f'path == "{get["path"]}"' in source, f"{kind}: {get['path']} is not a route in server/http.py"
+        assert ports[get["port"]] == 8080, kind
+
+
+def _configmap_conf() -> str:
+    return manifests()["ConfigMap"]["data"]["srv.conf"]
+
+
+def _localized(conf: str, tmp: Path) -> str:
+    """The ConfigMap's srv.conf with its model paths on the test fixture and pid/logs under tmp."""
+    tiny = fixture_path("densenet_tiny", "model")
+    subs = [
+        (r"(?m)^(\s*path\s+)[^;\s]+;", rf"\g<1>{tiny};", "path"),
+        (r"(?m)^(\s*pid\s+)[^;\s]+;", rf"\g<1>{tmp}/run/modelsrv.pid;", "pid"),
+        (r"(?m)^(\s*error_log\s+)[^;\s]+", rf"\g<1>{tmp}/logs/error.log", "error_log"),
+        (r"(?m)^(\s*access_log\s+)[^;\s]+;", rf"\g<1>{tmp}/logs/access.log;", "access_log"),
+    ]
+    for pattern, repl, what in subs:
+        conf, n = re.subn(pattern, repl, conf)
+        assert n >= 1, f"the ConfigMap's srv.conf has no {what} directive to replace"
+    return conf
+
+
+def test_configmap_conf_passes_modelsrv_t(tmp_path: Path) -> None:
+    conf = tmp_path / "conf" / "srv.conf"
+    conf.parent.mkdir()
+    conf.write_text(_localized(_configmap_conf(), tmp_path))
+    r = subprocess.run([str(BIN), "-c", str(conf), "-p", str(tmp_path), "-t"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "syntax is ok" in r.stderr and "test is successful" in r.stderr, r.stderr
+
+
+def test_configmap_conf_listens_in_the_pod_and_matches_the_ports(tmp_path: Path) -> None:
+    conf = tmp_path / "conf" / "srv.conf"
+    conf.parent.mkdir()
+    conf.write_text(_localized(_configmap_conf(), tmp_path))
+    cfg = load_config(conf, tmp_path)
+    assert [(a.host, a.port) for a in cfg.http_listen] == [("0.0.0.0", 8080)]
+    assert [(a.host, a.port) for a in cfg.zmq_listen] == [("0.0.0.0", 5555)]
+    assert not cfg.daemon, "the master must stay in the foreground as the container's main process"
+    ports = {p["name"]: p["containerPort"] for p in container()["ports"]}
+    assert ports == {"http": 8080, "zmq": 5555}
+    service = {p["name"]: p for p in manifests()["Service"]["spec"]["ports"]}
+    assert {n: (p["port"], p["targetPort"]) for n, p in service.items()} == {"http": (8080, "http"), "zmq": (5555, "zmq")}
+    annotations = manifests()["Deployment"]["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == "8080" and annotations["prometheus.io/path"] == "/metrics"
+
+
+def test_configmap_conf_is_the_image_conf() -> None:
+    assert _configmap_conf() == (DEPLOY / "docker" / "srv.conf").read_text(), \
+        "deploy/kubernetes/configmap.yaml and deploy/docker/srv.conf have drifted apart"
+
+
+def test_termination_covers_the_graceful_drain(tmp_path: Path) -> None:
+    conf = tmp_path / "conf" / "srv.conf"
+    conf.parent.mkdir()
+    conf.write_text(_localized(_configmap_conf(), tmp_path))
+    drain = load_config(conf, tmp_path).worker_shutdown_timeout
+    spec = manifests()["Deployment"]["spec"]["template"]["spec"]
+    command = " ".join(container()["lifecycle"]["preStop"]["exec"]["command"])
+    assert "QUIT" in command and "modelsrv.pid" in command, command
+    sleeps = [float(s) for s in re.findall(r"\bsleep (\d+(?:\.\d+)?)", command)]
+    assert sleeps, "the preStop hook should sleep before QUIT (endpoints removal)"
+    # the master KILLs a worker 5 s after worker_shutdown_timeout; the grace period must cover it all
+    assert spec["terminationGracePeriodSeconds"] > sleeps[0] + drain + 5
+    limits = container()["resources"]["limits"]
+    assert "nvidia.com/gpu" not in limits  # the GPU request stays an example in a comment
+    assert "nvidia.com/gpu" in (K8S / "deployment.yaml").read_text()
+
+
+# -- systemd and logrotate -------------------------------------------------------------------------
+
+def _unit() -> dict[str, list[str]]:
+    entries: dict[str, list[str]] = {}
+    section = None
+    for line in UNIT.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        key, sep, value = line.partition("=")
+        assert sep and section, f"not a unit file line: {line!r}"
+        entries.setdefault(f"{section}.{key.strip()}", []).append(value.strip())
+    return entries
+
+
+def test_systemd_unit() -> None:
+    u = _unit()
+    one = {k: v[-1] for k, v in u.items()}
+    assert one["Service.Type"] == "simple"
+    assert one["Service.ExecStart"] == f"{INSTALL_DIR}/bin/modelsrv -c {INSTALL_DIR}/conf/srv.conf"
+    assert any("HUP" in r and "$MAINPID" in r for r in u["Service.ExecReload"])
+    assert u["Service.ExecReload"][-1] == "/bin/kill -HUP $MAINPID"
+    assert one["Service.KillSignal"] == "SIGQUIT"
+    assert one["Service.KillMode"] in ("mixed",)
+    assert one["Service.Restart"] == "on-failure"
+    assert int(one["Service.LimitNOFILE"]) >= 4096
+    # the unit's paths follow conf/srv.conf: daemon off, the pid file, a stop timeout covering the drain
+    cfg = load_config(REPO / "conf" / "srv.conf", Path(INSTALL_DIR), check_models=False)
+    assert not cfg.daemon
+    assert one["Service.PIDFile"] == str(cfg.pid)
+    assert parse_time(one["Service.TimeoutStopSec"]) > cfg.worker_shutdown_timeout + 5
+
+
+def test_logrotate_reopens_with_usr1() -> None:
+    text = LOGROTATE.read_text()
+    script = re.search(r"postrotate\n(.*?)\n\s*endscript", text, re.S)
+    assert script, "no postrotate ... endscript block"
+    body = "\n".join(line for line in script.group(1).splitlines() if not line.strip().startswith("#"))
+    assert "USR1" in body or "-s reopen" in body, body
+    cfg = load_config(REPO / "conf" / "srv.conf", Path(INSTALL_DIR), check_models=False)
+    assert str(cfg.pid) in body
+    (pattern,) = re.findall(r"(?m)^(/\S+)\s*\{", text)
+    assert fnmatch.fnmatch(str(cfg.error_log), pattern) and fnmatch.fnmatch(str(cfg.access_log), pattern)
+
+
+# -- the image -------------------------------------------------------------------------------------
+
+def test_dockerfile() -> None:
+    lines = [line.strip() for line in DOCKERFILE.read_text().replace("\\\n", " ").splitlines()]
+    lines = [line for line in lines if line and not line.startswith("#")]
+    assert lines[0] == "FROM python:3.11-slim"
+    assert "ARG TORCH_VERSION=2.13.0" in lines
+    assert any(line.startswith("ARG TORCH_INDEX_URL=") and line.endswith("/whl/cpu") for line in lines)
+    torch_at = next(i for i, line in enumerate(lines) if line.startswith("RUN") and "torch==${TORCH_VERSION}" in line)
+    project_at = next(i for i, line in enumerate(lines) if line.startswith("RUN") and "pip install" in line and " ." in line)
+    code_at = next(i for i, line in enumerate(lines) if line.startswith("COPY server"))
+    assert torch_at < code_at < project_at, "torch is installed first, then the project"
+    for line in lines:
+        if line.startswith("COPY"):
+            for src in line.split()[1:-1]:
+                assert (REPO / src).exists(), f"COPY source {src} is missing"
+    assert "STOPSIGNAL SIGQUIT" in lines
+    assert set(next(line for line in lines if line.startswith("EXPOSE")).split()[1:]) == {"8080", "5555"}
+    entry = json.loads(next(line for line in lines if line.startswith("ENTRYPOINT"))[len("ENTRYPOINT"):])
+    cmd = json.loads(next(line for line in lines if line.startswith("CMD"))[len("CMD"):])
+    assert entry == [f"{INSTALL_DIR}/bin/modelsrv"] and cmd == ["-c", f"{INSTALL_DIR}/conf/srv.conf"]
+
+
+# -- the docs follow the code ------------------------------------------------------------------------
+
+def test_metrics_doc_names_every_metric() -> None:
+    source = (REPO / "server" / "metrics.py").read_text()
+    names = re.findall(r'\b(Counter|Gauge|Histogram)\(\s*"(\w+)"', source)
+    assert len(names) >= 5
+    doc = (REPO / "docs" / "METRICS.md").read_text()
+    for kind, name in names:
+        exposed = name + "_total" if kind == "Counter" else name
+        assert f"`{exposed}`" in doc, f"docs/METRICS.md does not describe {exposed}"
+
+
+def test_protocol_doc_names_every_route_op_and_status() -> None:
+    doc = (REPO / "docs" / "PROTOCOL.md").read_text()
+    http_source = (REPO / "server" / "http.py").read_text()
+    routes = set(re.findall(r'"(/(?:v2|metrics)[^"]*)"', http_source))
+    assert {"/v2/health/live", "/v2/health/ready", "/metrics"} <= routes
+    for route in routes:
+        assert f"`{route}`" in doc, f"docs/PROTOCOL.md does not list the route {route}"
+    ops = set(re.findall(r'op == "(\w+)"', (REPO / "server" / "zmq_front.py").read_text()))
+    assert {"infer", "live", "ready", "models", "metadata"} <= ops
+    for op in ops:
+        assert f'`{op}`' in doc, f"docs/PROTOCOL.md does not describe the ZeroMQ op {op}"
+    codes = set(re.findall(r"return (\d{3})\b", (REPO / "server" / "engine.py").read_text()))
+    codes |= set(re.findall(r"\b(\d{3}): \"", http_source)) - {"200"}
+    for code in codes:
+        assert re.search(rf"^\| {code} \|", doc, re.M), f"docs/PROTOCOL.md's status table lacks {code}"
