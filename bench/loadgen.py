@@ -59,6 +59,12 @@ class Window:
         self.cpu_start: float | None = None
         self.cpu_end: float | None = None
 
+    def mark_start(self) -> None:
+        self.cpu_start = cpu_now()
+
+    def mark_end(self) -> None:
+        self.cpu_end = cpu_now()
+
     def tick(self, now: float) -> None:
         if self.cpu_start is None and now >= self.start:
             self.cpu_start = cpu_now()
@@ -100,8 +106,8 @@ async def run_zmq(cmd: dict[str, Any], inputs: dict[str, np.ndarray], items: int
     model = cmd["model"]
     client = AsyncClient(cmd["address"], timeout=cmd.get("timeout", 60.0), retries=3, connections=cmd["connections"])
     loop = asyncio.get_running_loop()
-    loop.call_at(loop.time() + (w.start - time.perf_counter()), lambda: w.tick(time.perf_counter()))
-    loop.call_at(loop.time() + (w.end - time.perf_counter()), lambda: w.tick(time.perf_counter()))
+    loop.call_later(w.start - time.perf_counter(), w.mark_start)
+    loop.call_later(w.end - time.perf_counter(), w.mark_end)
 
     async def one() -> None:
         while w.issued < limit:
@@ -257,8 +263,8 @@ async def run_http(cmd: dict[str, Any], inputs: dict[str, np.ndarray], items: in
     w = Window(cmd["warmup"], cmd["duration"], items)
     limit = cmd["max_requests"]
     loop = asyncio.get_running_loop()
-    loop.call_at(loop.time() + (w.start - time.perf_counter()), lambda: w.tick(time.perf_counter()))
-    loop.call_at(loop.time() + (w.end - time.perf_counter()), lambda: w.tick(time.perf_counter()))
+    loop.call_later(w.start - time.perf_counter(), w.mark_start)
+    loop.call_later(w.end - time.perf_counter(), w.mark_end)
     conns: list[HttpConn] = []
 
     async def connect() -> HttpConn:
