@@ -191,6 +191,16 @@ def test_overload_gives_503_with_retry_after(server) -> None:
     results = asyncio.run(flood())
     codes = [r.code for r in results if isinstance(r, ModelsrvError)]
     assert 503 in codes and any(isinstance(r, dict) for r in results)
+    # over HTTP: 503 with Retry-After
+    import concurrent.futures
+
+    body = json.dumps({"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 3, 512, 512],
+                                   "data": [0.0] * (3 * 512 * 512)}]}).encode()
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        replies = list(pool.map(lambda _: http("POST", server.url + "/v2/models/small_queue/infer", body), range(12)))
+    refused = [headers for status, headers, _ in replies if status == 503]
+    assert refused and all(h.get("Retry-After") == "1" for h in refused)
+    assert any(status == 200 for status, _, _ in replies)
 
 
 # -- bad input: a clear error, and the worker keeps serving ----------------------------------------
