@@ -1,0 +1,1 @@
+"""modelsrv benchmarks: see docs/BENCHMARKS.md."""
