@@ -87,6 +87,12 @@ class Batcher:
         self.wakeup = asyncio.Event()
         self.inflight = 0
         self.task: asyncio.Task | None = None
+        # metric children looked up once: labels() costs a dict lookup and a lock per call
+        self.m_inflight = metrics.INFLIGHT.labels(name)
+        self.m_queued = metrics.QUEUED.labels(name)
+        self.m_batch = metrics.BATCH_SIZE.labels(name)
+        self.m_queue_s = metrics.QUEUE_SECONDS.labels(name)
+        self.m_compute_s = metrics.COMPUTE_SECONDS.labels(name)
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher:{self.name}")
@@ -99,22 +105,28 @@ class Batcher:
         if len(self.queue) >= self.conf.max_queue_size:
             raise Overloaded(f"model {self.name!r}: queue full ({self.conf.max_queue_size} requests)")
         size = request_size(inputs)
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         self.queue.append(_Pending(inputs, parameters, future, size))
         self._count(+1)
-        metrics.QUEUED.labels(self.name).set(len(self.queue))
+        self.m_queued.set(len(self.queue))
         self.wakeup.set()
+        # a timer, not wait_for(): this is the per-request hot path. A request that expires (or
+        # whose client went away) is skipped by a batch that has not started yet.
+        timer = loop.call_later(self.conf.request_timeout, self._expire, future)
         try:
-            return await asyncio.wait_for(asyncio.shield(future), self.conf.request_timeout)
-        except asyncio.TimeoutError:
-            future.cancel()  # a batch that has not started skips it
-            raise RequestTimeout(f"model {self.name!r}: no result within {self.conf.request_timeout:g}s") from None
+            return await future
         finally:
+            timer.cancel()
             self._count(-1)
+
+    def _expire(self, future: asyncio.Future) -> None:
+        if not future.done():
+            future.set_exception(RequestTimeout(f"model {self.name!r}: no result within {self.conf.request_timeout:g}s"))
 
     def _count(self, delta: int) -> None:
         self.inflight += delta
-        metrics.INFLIGHT.labels(self.name).inc(delta)
+        self.m_inflight.inc(delta)
         if self.board is not None:
             self.board.set(self.name, self.inflight)
 
@@ -131,7 +143,7 @@ class Batcher:
                     except asyncio.TimeoutError:
                         pass
                     batch += self._take(self.conf.max_batch_size - self._items(batch))
-                metrics.QUEUED.labels(self.name).set(len(self.queue))
+                self.m_queued.set(len(self.queue))
                 batch = [p for p in batch if not p.future.done()]
                 if not batch:
                     continue
@@ -142,7 +154,7 @@ class Batcher:
                     results = [exc] * len(batch)
                 compute = time.perf_counter() - started
                 items = self._items(batch)
-                metrics.BATCH_SIZE.labels(self.name).observe(items)
+                self.m_batch.observe(items)
                 for pending, result in zip(batch, results):
                     if pending.future.done():
                         continue
@@ -150,8 +162,8 @@ class Batcher:
                         pending.future.set_exception(result)
                     else:
                         timing = Timing((started - pending.enqueued) * 1000, compute * 1000, items)
-                        metrics.QUEUE_SECONDS.labels(self.name).observe(started - pending.enqueued)
-                        metrics.COMPUTE_SECONDS.labels(self.name).observe(compute)
+                        self.m_queue_s.observe(started - pending.enqueued)
+                        self.m_compute_s.observe(compute)
                         pending.future.set_result((result, timing))
 
     @staticmethod

@@ -162,11 +162,12 @@ class Engine:
         """A peer to hand this request to because our queue is much deeper than its, or None.
 
         Per-connection balancing (shared accept, keep-alive, one client holding one connection)
-        can pile requests on one worker while another idles; past a full batch of backlog, a
-        request is better served by a peer with less than half our load.
+        can pile requests on one worker while another idles. With one thread per worker, two
+        requests on two idle workers finish sooner than a batch of two on one, so the margin is
+        small: a peer with less than half our load takes the request.
         """
-        mine = batcher.outstanding
-        if mine < batcher.conf.max_batch_size or not hosts:
+        mine = batcher.outstanding + 1  # this request included
+        if mine < 2 or not hosts:
             return None
         best = min(hosts, key=lambda p: self._peer_load(p, batcher.name))
         return best if self._peer_load(best, batcher.name) * 2 < mine else None

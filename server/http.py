@@ -22,7 +22,7 @@ import httptools
 
 from server import kserve, metrics
 from server.engine import Engine, error_code
-from server.logs import log
+from server.logs import access_stamp, log
 
 REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
            413: "Payload Too Large", 500: "Internal Server Error", 503: "Service Unavailable", 504: "Gateway Timeout"}
@@ -307,10 +307,9 @@ class HttpConnection(asyncio.Protocol):
     def _access(self, req: Request, response: Response, sent: int) -> None:
         t = response.timing
         queue_ms, compute_ms, batch = (f"{t.queue_ms:.2f}", f"{t.compute_ms:.2f}", t.batch_size) if t else ("-", "-", "-")
-        stamp = time.strftime("%d/%b/%Y:%H:%M:%S %z")
         rt = (time.perf_counter() - req.started) * 1000
         self.server.access(
-            f'{req.client} [{stamp}] http "{req.method} {req.path}" {response.status} model={response.model} '
+            f'{req.client} [{access_stamp()}] http "{req.method} {req.path}" {response.status} model={response.model} '
             f"in={len(req.body)} out={sent} queue_ms={queue_ms} compute_ms={compute_ms} batch={batch} rt_ms={rt:.2f}"
         )
 

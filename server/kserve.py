@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from models.base import KSERVE_TO_NUMPY, NUMPY_TO_KSERVE, InputError
+from models.spec import KSERVE_TO_NUMPY, NUMPY_TO_KSERVE, InputError
 
 PROTOCOL_PARAMETERS = {"binary_data_output", "binary_data", "binary_data_size", "classification", "shared_memory_region",
                        "shared_memory_byte_size", "shared_memory_offset", "sequence_id", "sequence_start", "sequence_end",

@@ -42,6 +42,19 @@ class _NginxFormatter(logging.Formatter):
         return text
 
 
+_stamp_second = -1
+_stamp_text = ""
+
+
+def access_stamp() -> str:
+    """The access log's time stamp, formatted once a second rather than once a request."""
+    global _stamp_second, _stamp_text
+    now = int(time.time())
+    if now != _stamp_second:
+        _stamp_second, _stamp_text = now, time.strftime("%d/%b/%Y:%H:%M:%S %z", time.localtime(now))
+    return _stamp_text
+
+
 class ReopenableFileHandler(logging.StreamHandler):
     """A file handler whose file is reopened on demand (USR1), never on its own."""
 

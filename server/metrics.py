@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import os
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.mmap_dict import MmapedDict
@@ -31,10 +32,17 @@ WORKERS_READY = Gauge("modelsrv_workers_ready", "Workers serving", multiprocess_
 WORKER_STARTS = Counter("modelsrv_worker_starts", "Worker processes started, by slot (restarts included)", ["slot"])
 
 
+_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+
+
 def observe_request(model: str, protocol: str, outcome: str, seconds: float) -> None:
     """One answered inference request (``model`` is "unknown" for names no worker serves)."""
-    REQUESTS.labels(model, protocol, outcome).inc()
-    REQUEST_SECONDS.labels(model).observe(seconds)
+    key = (model, protocol, outcome)
+    pair = _children.get(key)
+    if pair is None:  # labels() takes a lock and builds a key: once per label set, not per request
+        pair = _children[key] = (REQUESTS.labels(model, protocol, outcome), REQUEST_SECONDS.labels(model))
+    pair[0].inc()
+    pair[1].observe(seconds)
 
 
 def render() -> bytes:

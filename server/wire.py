@@ -21,7 +21,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from models.base import KSERVE_TO_NUMPY, NUMPY_TO_KSERVE, InputError
+from models.spec import KSERVE_TO_NUMPY, NUMPY_TO_KSERVE, InputError
 
 VERSION = 1
 COPY_THRESHOLD = 64 * 1024  # frames above this are sent zero-copy

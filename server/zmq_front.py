@@ -24,7 +24,7 @@ import zmq.asyncio
 from models.base import InputError
 from server import metrics, wire
 from server.engine import Engine, error_code
-from server.logs import log
+from server.logs import access_stamp, log
 
 
 class ZmqServer:
@@ -144,8 +144,7 @@ class ZmqServer:
         size_in = sum(len(f.buffer) if hasattr(f, "buffer") else len(f) for f in frames[1:])
         size_out = sum(len(f) if isinstance(f, (bytes, bytearray)) else memoryview(f).nbytes for f in reply)
         q, c, b = (f"{timing.queue_ms:.2f}", f"{timing.compute_ms:.2f}", timing.batch_size) if timing else ("-", "-", "-")
-        stamp = time.strftime("%d/%b/%Y:%H:%M:%S %z")
-        self.access(f'- [{stamp}] {protocol} "infer {model}" {code} model={model} in={size_in} out={size_out} '
+        self.access(f'- [{access_stamp()}] {protocol} "infer {model}" {code} model={model} in={size_in} out={size_out} '
                     f"queue_ms={q} compute_ms={c} batch={b} rt_ms={(time.perf_counter() - started) * 1000:.2f}")
 
     def idle_for(self) -> float:
