@@ -32,11 +32,13 @@ class ZmqServer:
                  is_ready: Callable[[], bool], max_message: int) -> None:
         self.engine = engine
         self.max_message = max_message
-        self.ctx = ctx
+        # plain sockets on the worker's context: the front door reads them from the event loop
+        # itself (add_reader + non-blocking receives), which costs far less per message than
+        # zmq.asyncio's futures (measured in docs/BENCHMARKS.md)
+        self.ctx = zmq.Context.shadow(ctx.underlying)
         self.access = access
         self.is_ready = is_ready
-        self.sockets: list[zmq.asyncio.Socket] = []
-        self.readers: list[asyncio.Task] = []
+        self.sockets: list[zmq.Socket] = []
         self.inflight = 0
         self.last_request = time.monotonic()
         self.draining = False
@@ -52,22 +54,27 @@ class ZmqServer:
         router.bind(endpoint)
         self._serve(router, "peer")
 
-    def _router(self) -> zmq.asyncio.Socket:
+    def _router(self) -> zmq.Socket:
         router = self.ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 1000)
         router.copy_threshold = wire.COPY_THRESHOLD
         self.sockets.append(router)
         return router
 
-    def _serve(self, router: zmq.asyncio.Socket, protocol: str) -> None:
-        self.readers.append(asyncio.get_running_loop().create_task(self._read(router, protocol)))
+    def _serve(self, router: zmq.Socket, protocol: str) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_reader(router.FD, self._drain, router, protocol)
+        loop.call_soon(self._drain, router, protocol)
 
-    async def _read(self, router: zmq.asyncio.Socket, protocol: str) -> None:
+    def _drain(self, router: zmq.Socket, protocol: str) -> None:
+        """Take every message waiting on ``router`` (its FD is edge-triggered: read until EAGAIN)."""
         loop = asyncio.get_running_loop()
         while True:
             try:
-                frames = await router.recv_multipart(copy=False)
-            except (asyncio.CancelledError, zmq.ZMQError):
+                frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            except zmq.ZMQError:  # closed
                 return
             self.last_request = time.monotonic()
             if len(frames) < 2:
@@ -75,7 +82,17 @@ class ZmqServer:
             self.inflight += 1
             loop.create_task(self._handle(router, protocol, frames))
 
-    async def _handle(self, router: zmq.asyncio.Socket, protocol: str, frames: list[Any]) -> None:
+    def _send(self, router: zmq.Socket, frames: list[Any], protocol: str) -> None:
+        try:
+            router.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:  # the client is gone, or its pipe is full: nothing to answer
+            log.info("zmq reply dropped: %s", exc)
+            return
+        # a send can consume the FD's edge for messages that arrived meanwhile: look again
+        if router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            asyncio.get_running_loop().call_soon(self._drain, router, protocol)
+
+    async def _handle(self, router: zmq.Socket, protocol: str, frames: list[Any]) -> None:
         started = time.perf_counter()
         identity, header_frame, payload = frames[0], frames[1], frames[2:]
         request_id: Any = None
@@ -113,10 +130,7 @@ class ZmqServer:
                 self._log(protocol, model, code, frames, reply, started, None)
         finally:
             self.inflight -= 1
-        try:
-            await router.send_multipart([identity, *reply], copy=False)
-        except zmq.ZMQError as exc:  # the client is gone: nothing to answer
-            log.info("zmq reply dropped: %s", exc)
+        self._send(router, [identity, *reply], protocol)
 
     def _control(self, op: Any, header: dict[str, Any]) -> dict[str, Any]:
         if op == "live":
@@ -151,7 +165,7 @@ class ZmqServer:
         return 0.0 if self.inflight else time.monotonic() - self.last_request
 
     def close(self) -> None:
-        for task in self.readers:
-            task.cancel()
+        loop = asyncio.get_running_loop()
         for s in self.sockets:
+            loop.remove_reader(s.FD)
             s.close(linger=500)
