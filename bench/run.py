@@ -207,10 +207,10 @@ class Bench:
             self.log(f"  sweep 2x1 batch {bs}: {res['ips']:.2f} images/s (batch {res['batch_ms']:.0f} ms)")
         best = max(sweep, key=lambda b: sweep[b]["ips"])
         self.log(f"densenet: best raw batch size {best}; starting servers")
-        conf = {"path": m["folder"], "max_batch_size": 32, "batch_timeout": "2ms", "max_queue_size": 256}  # = conf/srv.conf
+        conf = {"path": m["folder"], "max_batch_size": 8, "batch_timeout": "2ms", "max_queue_size": 256}  # = conf/srv.conf
         ms = self.server(ModelsrvServer(self.work / "ms-densenet", {"densenet121": conf}, workers=2))
-        ms8 = self.server(ModelsrvServer(self.work / "ms-densenet-8", {"densenet121": {**conf, "max_batch_size": 8}},
-                                         workers=2))
+        ms32 = self.server(ModelsrvServer(self.work / "ms-densenet-32", {"densenet121": {**conf, "max_batch_size": 32}},
+                                          workers=2))
         lit = self.server(LitServeServer(self.work / "lit-densenet", m["folder"], 2, 32, 0.002)) if self.peer else None
         points = [self.raw_point("raw torch 2 proc x 1 thread", raw21, best, raw_dur, procs=2, threads=1),
                   self.raw_point("raw torch 1 proc x 2 threads", raw12, best, raw_dur, procs=1, threads=2)]
@@ -225,18 +225,18 @@ class Bench:
             if lit is not None:
                 points.append(self.load_point(f"LitServe HTTP c={c}", lit, {**base, "kind": "http", "port": lit.port,
                                                                              "format": "litserve"}, "litserve-http"))
-            if c == 32:  # the same server with max_batch_size 8 (the raw sweep's best range on this CPU)
-                points.append(self.load_point(f"modelsrv mbs8 HTTP c={c}", ms8, {**http, "port": ms8.http_port},
-                                              "modelsrv-mbs8-http"))
-                points.append(self.load_point(f"modelsrv mbs8 ZMQ c={c}", ms8, {**zmq, "address": ms8.zmq_address},
-                                              "modelsrv-mbs8-zmq"))
+            if c == 32:  # the same server with max_batch_size 32 (LitServe's setting here; the earlier default)
+                points.append(self.load_point(f"modelsrv mbs32 HTTP c={c}", ms32, {**http, "port": ms32.http_port},
+                                              "modelsrv-mbs32-http"))
+                points.append(self.load_point(f"modelsrv mbs32 ZMQ c={c}", ms32, {**zmq, "address": ms32.zmq_address},
+                                              "modelsrv-mbs32-zmq"))
         self.log(f"densenet: {len(points)} points x {self.rounds} rounds")
         self.run_rounds(points)
         by = {p.name: p for p in points}
         limit = by["raw torch 2 proc x 1 thread"]
         targets = {}
         for proto in ("HTTP", "ZMQ"):
-            for variant in ("", "mbs8 "):
+            for variant in ("", "mbs32 "):
                 targets[f"modelsrv {variant}{proto} c=32 / raw 2x1 limit"] = self.paired_ratio(
                     by[f"modelsrv {variant}{proto} c=32"], limit)
         if lit is not None:
@@ -244,12 +244,12 @@ class Bench:
                 for c in (1, 8, 32):
                     targets[f"modelsrv {proto} / LitServe c={c}"] = self.paired_ratio(by[f"modelsrv {proto} c={c}"],
                                                                                      by[f"LitServe HTTP c={c}"])
-                targets[f"modelsrv mbs8 {proto} / LitServe c=32"] = self.paired_ratio(by[f"modelsrv mbs8 {proto} c=32"],
-                                                                                      by["LitServe HTTP c=32"])
-        memory = {"modelsrv mbs32 (master + 2 workers)": ms.pss(), "modelsrv mbs8 (master + 2 workers)": ms8.pss()}
+                targets[f"modelsrv mbs32 {proto} / LitServe c=32"] = self.paired_ratio(by[f"modelsrv mbs32 {proto} c=32"],
+                                                                                       by["LitServe HTTP c=32"])
+        memory = {"modelsrv mbs8 (master + 2 workers)": ms.pss(), "modelsrv mbs32 (master + 2 workers)": ms32.pss()}
         if lit is not None:
             memory["LitServe (all processes)"] = lit.pss()
-        for s in (ms, ms8, lit):
+        for s in (ms, ms32, lit):
             if s is not None:
                 s.stop()
         return self.save("densenet", points, {"sweep_2x1": {str(k): v for k, v in sweep.items()}, "best_batch": best,
