@@ -15,6 +15,7 @@ as vLLM's engine protocol does, so nothing is converted to lists on either side.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -67,7 +68,7 @@ def decode_tensors(descs: Any, frames: Sequence[Any]) -> dict[str, np.ndarray | 
         name, datatype, shape = d["name"], d.get("datatype"), d.get("shape")
         if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
             raise WireError(f"tensor {name!r}: 'shape' must be a list of non-negative integers")
-        count = int(np.prod(shape)) if shape else 1
+        count = math.prod(shape)
         if datatype == "BYTES":
             data = d.get("data")
             if not isinstance(data, list) or not all(isinstance(b, (bytes, str)) for b in data) or len(data) != count:
