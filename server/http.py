@@ -206,6 +206,8 @@ class HttpConnection(asyncio.Protocol):
         length = self.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.server.max_body:
             self._callback_fails(413, f"body of {length} bytes exceeds client_max_body_size {self.server.max_body}")
+        if self.headers.get("expect", "").lower() == "100-continue":  # curl asks this for large bodies
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
         self.body += body

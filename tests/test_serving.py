@@ -277,6 +277,18 @@ def test_client_hanging_up_mid_request(server) -> None:
     assert_still_serving(server)
 
 
+def test_expect_100_continue_is_answered_at_once(server) -> None:
+    body = json.dumps({"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 3, 32, 32], "data": [0.0] * 3072}]}).encode()
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as s:
+        s.sendall(b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body))
+        s.settimeout(0.5)  # curl waits a second before sending the body if nobody answers
+        assert s.recv(100).startswith(b"HTTP/1.1 100 Continue")
+        s.settimeout(10)
+        s.sendall(body)
+        assert s.recv(65536).split(b"HTTP/1.1 ")[-1].startswith(b"200")
+
+
 def test_malformed_http_is_400(server) -> None:
     with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as s:
         s.sendall(b"THIS IS NOT HTTP\r\n\r\n")
