@@ -234,18 +234,24 @@ def test_wedged_worker_is_killed_by_heartbeat_and_replaced(make_server) -> None:
 
 # -- binary upgrade ------------------------------------------------------------------------------
 
+def start_new_binary(s) -> tuple[int, int, Path]:
+    """USR2 to the running master; wait until the new master has written its pid file."""
+    old_master = s.master_pid()
+    s.signal(signal.SIGUSR2)
+    oldbin = Path(str(s.pid_file) + ".oldbin")
+    wait_for(lambda: oldbin.exists() and s.pid_file.exists() and s.master_pid() != old_master, 30, what="new master")
+    assert int(oldbin.read_text()) == old_master
+    new_master = s.master_pid()
+    s.started_pids.add(new_master)
+    return old_master, new_master, oldbin
+
+
 def test_usr2_winch_quit_upgrade_under_load(make_server) -> None:
     s = make_server().start()
-    old_master = s.master_pid()
     old_workers = set(s.worker_pids())
     with Load(s, "tiny", "http", threads=3) as load_http, Load(s, "tiny", "zmq", threads=2) as load_zmq:
         time.sleep(0.3)
-        s.signal(signal.SIGUSR2)
-        oldbin = Path(str(s.pid_file) + ".oldbin")
-        wait_for(lambda: oldbin.exists() and s.pid_file.exists() and s.master_pid() != old_master, 30, what="new pid file")
-        new_master = s.master_pid()
-        assert int(oldbin.read_text()) == old_master
-        s.started_pids.add(new_master)
+        old_master, new_master, oldbin = start_new_binary(s)
         s.wait_ready(60, workers=2, master=new_master)
         s.signal(signal.SIGWINCH, old_master)
         wait_for(lambda: not any(alive(p) for p in old_workers), 30, what="old workers gone after WINCH")
@@ -263,12 +269,7 @@ def test_usr2_winch_quit_upgrade_under_load(make_server) -> None:
 
 def test_usr2_rollback(make_server) -> None:
     s = make_server().start()
-    old_master = s.master_pid()
-    s.signal(signal.SIGUSR2)
-    oldbin = Path(str(s.pid_file) + ".oldbin")
-    wait_for(lambda: oldbin.exists() and s.pid_file.exists() and s.master_pid() != old_master, 30, what="new master")
-    new_master = s.master_pid()
-    s.started_pids.add(new_master)
+    old_master, new_master, oldbin = start_new_binary(s)
     s.wait_ready(60, workers=2, master=new_master)
     s.signal(signal.SIGWINCH, old_master)
     wait_for(lambda: not s.worker_pids(old_master), 30, what="old workers gone")
@@ -329,12 +330,7 @@ def test_hup_during_a_reload_is_not_lost(make_server) -> None:
 
 def test_new_binary_that_dies_gives_the_pid_file_back(make_server) -> None:
     s = make_server().start()
-    old_master = s.master_pid()
-    s.signal(signal.SIGUSR2)
-    oldbin = Path(str(s.pid_file) + ".oldbin")
-    wait_for(lambda: oldbin.exists() and s.pid_file.exists() and s.master_pid() != old_master, 30, what="new master")
-    new_master = s.master_pid()
-    s.started_pids.add(new_master)
+    old_master, new_master, oldbin = start_new_binary(s)
     new_workers = wait_for(lambda: s.worker_pids(new_master), 30, what="the new master's workers")
     s.started_pids.update(new_workers)
     os.kill(new_master, signal.SIGKILL)
