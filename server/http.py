@@ -25,7 +25,10 @@ from server.engine import Engine, error_code
 from server.logs import access_stamp, log
 
 REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
-           413: "Payload Too Large", 500: "Internal Server Error", 503: "Service Unavailable", 504: "Gateway Timeout"}
+           413: "Payload Too Large", 414: "URI Too Long", 431: "Request Header Fields Too Large",
+           500: "Internal Server Error", 503: "Service Unavailable", 504: "Gateway Timeout"}
+MAX_URL = 8 << 10  # bytes of request target
+MAX_HEADERS = 64 << 10  # bytes of header names and values together
 FIRST_REQUEST_GRACE = 1.0  # seconds a just-accepted connection may stay silent while draining
 MODEL_ROUTE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer|/config)?$")
 
@@ -45,6 +48,7 @@ class Request:
     keep_alive: bool
     client: str
     started: float
+    error: HttpError | None = None  # found while reading it: answered in its turn, then the connection closes
 
 
 @dataclass
@@ -117,7 +121,7 @@ class HttpServer:
             if req.method != "POST":
                 raise HttpError(405, "infer takes POST")
             return await self.infer(name, version, req)
-        if req.method != "GET":
+        if req.method not in ("GET", "HEAD"):
             raise HttpError(405, f"{path} takes GET")
         meta = self.engine.metadata(name)
         if meta is None:
@@ -159,6 +163,7 @@ class HttpConnection(asyncio.Protocol):
     def _reset(self) -> None:
         self.url = b""
         self.headers: dict[str, str] = {}
+        self.header_bytes = 0
         self.body = bytearray()
         self.in_message = False
 
@@ -172,7 +177,7 @@ class HttpConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.client = peer[0] if peer else "-"
         self.server.connections.add(self)
-        self._arm(self.server.keepalive_timeout, self._idle_timeout)
+        self._arm(self.server.keepalive_timeout or self.server.body_timeout, self._idle_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
@@ -198,8 +203,14 @@ class HttpConnection(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self.url += url
+        if len(self.url) > MAX_URL:
+            self.url = self.url[:200] + b"..."
+            self._callback_fails(414, f"request target longer than {MAX_URL} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self.header_bytes += len(name) + len(value)
+        if self.header_bytes > MAX_HEADERS:
+            self._callback_fails(431, f"request headers longer than {MAX_HEADERS} bytes")
         self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
@@ -224,16 +235,23 @@ class HttpConnection(asyncio.Protocol):
         body = bytes(self.body)
         encoding = self.headers.get("content-encoding", "").lower()
         req = Request(self.parser.get_method().decode(), self.url.decode("latin-1"), self.headers, body,
-                      self.parser.should_keep_alive(), self.client, time.perf_counter())
+                      self.parser.should_keep_alive() and self.server.keepalive_timeout > 0, self.client,
+                      time.perf_counter())
         if encoding in ("gzip", "deflate"):
             try:
                 req.body = self._decompress(body, encoding)
-            except (zlib.error, HttpError) as exc:
-                self._queue_error(req, exc)
-                return
+            except zlib.error as exc:
+                req.error = HttpError(400, f"cannot decode the body: {exc}")
+            except HttpError as exc:
+                req.error = exc
         elif encoding not in ("", "identity"):
-            self._queue_error(req, HttpError(400, f"unsupported Content-Encoding {encoding!r}"))
-            return
+            req.error = HttpError(400, f"unsupported Content-Encoding {encoding!r}")
+        self._enqueue(req)
+
+    def _enqueue(self, req: Request) -> None:
+        if req.error is not None:  # nothing after it on this connection will be read
+            req.keep_alive = False
+            self.transport.pause_reading()
         self.pending.append(req)
         if self.task is None or self.task.done():
             self.task = asyncio.get_running_loop().create_task(self._serve())
@@ -247,30 +265,30 @@ class HttpConnection(asyncio.Protocol):
             raise HttpError(413, f"decompressed body exceeds client_max_body_size {self.server.max_body}")
         return out
 
-    def _queue_error(self, req: Request, exc: Exception) -> None:
-        status = exc.status if isinstance(exc, HttpError) else 400
-        self._write(req, error_response(status, f"cannot decode the body: {exc}"), close=True)
-
     # -- serving ---------------------------------------------------------------------------------
     async def _serve(self) -> None:
         while self.pending and not self.closing:
             req = self.pending.popleft()
-            if self.transport.is_reading() is False and len(self.pending) <= 4:
+            if self.transport.is_reading() is False and len(self.pending) <= 4 and req.error is None:
                 self.transport.resume_reading()
             response = await self._respond(req)
             close = not req.keep_alive or (self.server.draining and not self.pending)
             self._write(req, response, close=close)
         if not self.closing:
-            if self.server.draining:
+            if self.in_message:  # the next request is arriving: its body timeout, not the idle one
+                self._arm(self.server.body_timeout, self._body_timeout)
+            elif self.server.draining:
                 self._close()
             else:
-                self._arm(self.server.keepalive_timeout, self._idle_timeout)
+                self._arm(self.server.keepalive_timeout or self.server.body_timeout, self._idle_timeout)
 
     async def _respond(self, req: Request) -> Response:
         model = "-"
         try:
             m = MODEL_ROUTE.match(req.path.split("?", 1)[0])
             model = m.group(1) if m else "-"
+            if req.error is not None:
+                raise req.error
             response = await self.server.handle(req)
         except HttpError as exc:
             response = error_response(exc.status, str(exc), model=model)
@@ -300,7 +318,7 @@ class HttpConnection(asyncio.Protocol):
             headers.append(("Connection", "close"))
         head = f"HTTP/1.1 {response.status} {REASONS.get(response.status, 'Unknown')}\r\n"
         head += "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n"
-        self.transport.write(head.encode("latin-1") + body)
+        self.transport.write(head.encode("latin-1") + (b"" if req.method == "HEAD" else body))
         self.served += 1
         self._access(req, response, len(body))
         if close:
@@ -316,9 +334,12 @@ class HttpConnection(asyncio.Protocol):
         )
 
     def _fail(self, status: int, message: str) -> None:
-        req = Request("-", self.url.decode("latin-1") or "-", self.headers, bytes(self.body), False, self.client, time.perf_counter())
-        self.pending.clear()
-        self._write(req, error_response(status, message), close=True)
+        """The parser cannot go on: answer after what is already queued, then close."""
+        self._disarm()
+        self.in_message = False
+        req = Request("-", self.url.decode("latin-1") or "-", self.headers, b"", False, self.client,
+                      time.perf_counter(), HttpError(status, message))
+        self._enqueue(req)
 
     # -- timers and closing ----------------------------------------------------------------------
     def _arm(self, delay: float, callback: Callable[[], None]) -> None:
@@ -331,7 +352,9 @@ class HttpConnection(asyncio.Protocol):
             self.timer = None
 
     def _idle_timeout(self) -> None:
-        if not self.busy:
+        if self.in_message:  # a request started meanwhile: hold it to the body timeout
+            self._arm(self.server.body_timeout, self._body_timeout)
+        elif not self.busy:
             self._close()
 
     def _body_timeout(self) -> None:

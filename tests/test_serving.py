@@ -9,6 +9,7 @@ import json
 import re
 import socket
 import struct
+import time
 
 import msgpack
 import numpy as np
@@ -287,6 +288,49 @@ def test_expect_100_continue_is_answered_at_once(server) -> None:
         s.settimeout(10)
         s.sendall(body)
         assert s.recv(65536).split(b"HTTP/1.1 ")[-1].startswith(b"200")
+
+
+def read_replies(s: socket.socket) -> list[bytes]:
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    return [b"HTTP/1.1 " + r for r in data.split(b"HTTP/1.1 ")[1:]]
+
+
+def test_pipelined_bad_request_is_answered_in_its_turn(server) -> None:
+    good = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+    bad = b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Encoding: br\r\nContent-Length: 2\r\n\r\n{}"
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as s:
+        s.sendall(good + good + bad + good)
+        replies = read_replies(s)
+    assert [r[9:12] for r in replies] == [b"200", b"200", b"400"]  # the 4th is never read: the stream is broken
+    assert b"Connection: close" in replies[2]
+
+
+def test_oversized_url_and_headers_are_refused(server) -> None:
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as s:
+        s.sendall(b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_replies(s)[0].startswith(b"HTTP/1.1 414")
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as s:
+        s.sendall(b"GET /v2 HTTP/1.1\r\n" + b"X-Junk: " + b"b" * 100_000 + b"\r\n\r\n")
+        assert read_replies(s)[0].startswith(b"HTTP/1.1 431")
+    assert_still_serving(server)
+
+
+def test_head_has_no_body(server) -> None:
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as s:
+        s.sendall(b"HEAD /v2/models/tiny HTTP/1.1\r\nHost: x\r\n\r\nGET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        replies = read_replies(s)
+    assert len(replies) == 2 and replies[0].endswith(b"\r\n\r\n") and replies[1].endswith(b'{"live":true}')
+
+
+def test_body_timeout_holds_for_a_pipelined_request(server) -> None:
+    """A request that starts arriving right after an answer still gets client_body_timeout (2s here)."""
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as s:
+        s.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\nPOST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        t0 = time.monotonic()
+        replies = read_replies(s)
+    assert [r[9:12] for r in replies] == [b"200", b"408"] and time.monotonic() - t0 < 8
 
 
 def test_malformed_http_is_400(server) -> None:
