@@ -101,9 +101,15 @@ class Batcher:
     def outstanding(self) -> int:
         return self.inflight
 
-    async def submit(self, inputs: Mapping[str, RequestTensor], parameters: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], Timing]:
+    def check_room(self) -> None:
         if len(self.queue) >= self.conf.max_queue_size:
             raise Overloaded(f"model {self.name!r}: queue full ({self.conf.max_queue_size} requests)")
+
+    async def submit(self, inputs: Mapping[str, RequestTensor], parameters: Mapping[str, Any],
+                     admitted: bool = False) -> tuple[dict[str, np.ndarray], Timing]:
+        """Queue one request and wait for its outputs; ``admitted``: a chunk of a request already let in."""
+        if not admitted:
+            self.check_room()
         size = request_size(inputs)
         loop = asyncio.get_running_loop()
         future = loop.create_future()

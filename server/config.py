@@ -76,6 +76,7 @@ class Config:
         return [m for m in self.models.values() if m.workers is None or slot in m.workers]
 
 
+NO_LIMIT = 1 << 62
 LOG_LEVELS = ("debug", "info", "notice", "warn", "error", "crit", "alert", "emerg")
 _TIME_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -166,6 +167,12 @@ class _Directive:
             raise self.error(f'invalid value "{value}" in "{self.name}" directive, it must be "on" or "off"')
         return value == "on"
 
+    def positive_time(self) -> float:
+        value = self.convert(parse_time)
+        if value <= 0:
+            raise self.error(f'"{self.name}" must be greater than 0')
+        return value
+
     def positive_int(self) -> int:
         value = self.one()
         if not value.isdigit() or int(value) < 1:
@@ -227,9 +234,9 @@ def _apply_main(cfg: Config, d: _Directive) -> None:
     elif d.name == "worker_shutdown_timeout":
         cfg.worker_shutdown_timeout = d.convert(parse_time)
     elif d.name == "worker_timeout":
-        cfg.worker_timeout = d.convert(parse_time)
+        cfg.worker_timeout = d.positive_time()
     elif d.name == "worker_load_timeout":
-        cfg.worker_load_timeout = d.convert(parse_time)
+        cfg.worker_load_timeout = d.positive_time()
     elif d.name == "pid":
         cfg.pid = Path(d.one())
     elif d.name == "error_log":
@@ -273,9 +280,9 @@ def _apply_http(cfg: Config, d: _Directive) -> None:
         value = d.one()
         cfg.access_log = None if value == "off" else Path(value)
     elif d.name == "client_max_body_size":
-        cfg.client_max_body_size = d.convert(parse_size)
+        cfg.client_max_body_size = d.convert(parse_size) or NO_LIMIT  # 0 = no limit, as in nginx
     elif d.name == "client_body_timeout":
-        cfg.client_body_timeout = d.convert(parse_time)
+        cfg.client_body_timeout = d.positive_time()
     elif d.name == "keepalive_timeout":
         cfg.keepalive_timeout = d.convert(parse_time)
     else:
@@ -319,7 +326,7 @@ def _apply_model(cfg: Config, d: _Directive) -> None:
         elif inner.name == "max_queue_size":
             model.max_queue_size = inner.positive_int()
         elif inner.name == "request_timeout":
-            model.request_timeout = inner.convert(parse_time)
+            model.request_timeout = inner.positive_time()
         elif inner.name == "tensor_parallel":
             model.tensor_parallel = inner.positive_int()
             if model.tensor_parallel != 1:
@@ -370,6 +377,18 @@ def _resolve(cfg: Config, check_models: bool) -> None:
                 model.model_type = check_model_folder(model.path)
             except ValueError as exc:
                 raise ConfigError(f'model "{model.name}": {exc}', file, line) from None
+
+
+def listener_keys(cfg: Config) -> list[str]:
+    """The listening sockets a config needs, as the master names them: ``http:HOST:PORT``, ``zmq:HOST:PORT``."""
+    return [f"http:{a}" for a in cfg.http_listen] + [f"zmq:{a}" for a in cfg.zmq_listen]
+
+
+def split_listener_key(key: str) -> tuple[str, str, int]:
+    """``"http:::1:8080"`` -> ``("http", "::1", 8080)`` (hosts may hold colons)."""
+    kind, rest = key.split(":", 1)
+    host, port = rest.rsplit(":", 1)
+    return kind, host, int(port)
 
 
 def slot_device(cfg: Config, model: ModelConf, slot: int) -> str:

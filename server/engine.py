@@ -180,16 +180,17 @@ class Engine:
     async def _scatter_gather(self, batcher: Batcher, hosts: list[Peer], name: str, inputs: Mapping[str, RequestTensor],
                               parameters: Mapping[str, Any], size: int, limit: int):
         """Split a request larger than max_batch_size over this worker and its peers; gather in order."""
+        batcher.check_room()  # the request is admitted once; its chunks then queue without a second check
         chunks = [{k: v[i : i + limit] for k, v in inputs.items()} for i in range(0, size, limit)]
         targets: list[Peer | None] = [None, *hosts]
 
         async def run(chunk, where):
             if where is None:
-                return await batcher.submit(chunk, parameters)
+                return await batcher.submit(chunk, parameters, admitted=True)
             try:
                 return await self._call_peer(where, name, chunk, parameters)
             except PeerUnavailable:
-                return await batcher.submit(chunk, parameters)
+                return await batcher.submit(chunk, parameters, admitted=True)
 
         parts = await asyncio.gather(*(run(c, targets[i % len(targets)]) for i, c in enumerate(chunks)))
         outputs: dict[str, Any] = {}

@@ -73,7 +73,9 @@ def parse_request(body: bytes, header_length: int | None) -> InferRequest:
         name, datatype, shape = item["name"], item.get("datatype"), item.get("shape")
         if name in inputs:
             raise InputError(f"input {name!r} given twice")
-        if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
+        if not isinstance(datatype, str):
+            raise InputError(f"input {name!r}: 'datatype' must be a string")
+        if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):  # bool is not a size
             raise InputError(f"input {name!r}: 'shape' must be a list of non-negative integers")
         count = int(np.prod(shape)) if shape else 1
         if datatype != "BYTES" and datatype not in KSERVE_TO_NUMPY:

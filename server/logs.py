@@ -64,14 +64,22 @@ class ReopenableFileHandler(logging.StreamHandler):
         super().__init__(open(self.path, "a", buffering=1, encoding="utf-8"))
 
     def reopen(self) -> None:
+        """Open the path anew; if that fails (a directory there, no permission), keep the old file."""
         self.acquire()
         try:
-            old = self.stream
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.stream = open(self.path, "a", buffering=1, encoding="utf-8")
-            old.close()
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                stream = open(self.path, "a", buffering=1, encoding="utf-8")
+            except OSError as exc:
+                failed = exc
+            else:
+                failed = None
+                old, self.stream = self.stream, stream
+                old.close()
         finally:
             self.release()
+        if failed is not None:
+            log.error("reopening %s failed, still writing to the old file: %s", self.path, failed)
 
 
 class Logs:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from server import __version__
 from server.channel import Channel
-from server.config import Config, ConfigError, load_config, slot_cores, slot_gpu
+from server.config import Config, ConfigError, listener_keys, load_config, slot_cores, slot_gpu, split_listener_key
 from server.logs import EMERG, Logs, log
 
 # Exit status of a worker that cannot load its models: it is not respawned (no restart storm).
@@ -71,7 +71,8 @@ class Master:
         self.failures: dict[int, int] = {}  # slot -> quick deaths in a row
         self.new_binary_pid = 0
         self.noaccepting = False
-        self.exiting_since: float | None = None
+        self.quitting_since: float | None = None
+        self.terminating_since: float | None = None
         # the flags, as ngx_process_cycle.c names them
         self.reap = self.terminate = self.quit = self.reconfigure = False
         self.reopen = self.change_binary = self.noaccept = self.restart = False
@@ -119,9 +120,9 @@ class Master:
                     self.terminate = True
                     self.exit_code = 1
 
-            if self.terminate:
-                if self.exiting_since is None:
-                    self.exiting_since = now
+            if self.terminate:  # also when it comes during a graceful quit: TERM overrides QUIT
+                if self.terminating_since is None:
+                    self.terminating_since = now
                     log.info("terminating")
                     self.pending_generation = None
                     for w in self.workers.values():
@@ -136,8 +137,8 @@ class Master:
                 continue
 
             if self.quit:
-                if self.exiting_since is None:
-                    self.exiting_since = now
+                if self.quitting_since is None:
+                    self.quitting_since = now
                     log.info("gracefully shutting down")
                     self.pending_generation = None
                     self._quit_workers(list(self.workers.values()))
@@ -270,9 +271,8 @@ class Master:
             for w in self.workers.values()
             if w.state == "ready" and w.ipc
         ]
-        for w in self.workers.values():
-            if w.state != "exiting":
-                w.channel.send({"cmd": "peers", "peers": peers})
+        for w in self.workers.values():  # exiting ones too: they may still wait on a peer
+            w.channel.send({"cmd": "peers", "peers": peers})
 
     # -- children --------------------------------------------------------------------------------
     def _new_generation(self) -> int:
@@ -301,7 +301,11 @@ class Master:
                 os.close(self._wakeup_w)
                 from server.worker import worker_main
 
-                code = worker_main(cfg, slot, generation, child_end, dict(self.listeners), slot_gpu(cfg, slot), slot_cores(cfg, slot))
+                listeners = {key: self.listeners[key] for key in listener_keys(cfg)}
+                for key, sock in self.listeners.items():  # another generation's: not ours to keep open
+                    if key not in listeners:
+                        sock.close()
+                code = worker_main(cfg, slot, generation, child_end, listeners, slot_gpu(cfg, slot), slot_cores(cfg, slot))
             except BaseException:  # noqa: B036 - the child must never return into the master's loop
                 import traceback
 
@@ -407,7 +411,7 @@ class Master:
         """nginx: TERM again with a doubling delay; past a second, KILL."""
         for w in self.workers.values():
             if w.kill_at is not None and now >= w.kill_at:
-                w.term_delay *= 2
+                w.term_delay = max(w.term_delay, 0.05) * 2
                 if w.term_delay > 1.0:
                     log.warning("worker process %d #%d did not exit: sending KILL", w.pid, w.slot)
                     self._signal(w, signal.SIGKILL)
@@ -483,19 +487,18 @@ class Master:
     def _open_listeners(self, cfg: Config) -> None:
         """Bind what the config asks for (or adopt what a previous binary handed over)."""
         inherited = self._inherited()
-        wanted = [f"http:{a}" for a in cfg.http_listen] + [f"zmq:{a}" for a in cfg.zmq_listen]
-        for key in wanted:
+        for key in listener_keys(cfg):
             if key in self.listeners:
                 continue
             if key in inherited:
                 sock = socket.socket(fileno=inherited.pop(key))
                 log.info("using inherited socket %s (fd %d)", key, sock.fileno())
             else:
-                _, host, port = key.rsplit(":", 2)
+                _, host, port = split_listener_key(key)
                 family = socket.AF_INET6 if ":" in host else socket.AF_INET
                 sock = socket.socket(family, socket.SOCK_STREAM)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind((host, int(port)))
+                sock.bind((host, port))
                 sock.listen(1024)
             # non-blocking, or a worker that loses an accept race stalls its other connections
             sock.setblocking(False)
@@ -512,7 +515,7 @@ class Master:
         return result
 
     def _close_unused_listeners(self) -> None:
-        wanted = {f"http:{a}" for a in self.cfg.http_listen} | {f"zmq:{a}" for a in self.cfg.zmq_listen}
+        wanted = set(listener_keys(self.cfg))
         for key in list(self.listeners):
             if key not in wanted:
                 self.listeners.pop(key).close()

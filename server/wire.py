@@ -66,7 +66,9 @@ def decode_tensors(descs: Any, frames: Sequence[Any]) -> dict[str, np.ndarray | 
         if not isinstance(d, dict) or not isinstance(d.get("name"), str):
             raise WireError("each tensor needs a 'name'")
         name, datatype, shape = d["name"], d.get("datatype"), d.get("shape")
-        if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
+        if not isinstance(datatype, str):
+            raise WireError(f"tensor {name!r}: 'datatype' must be a string")
+        if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):  # bool is not a size
             raise WireError(f"tensor {name!r}: 'shape' must be a list of non-negative integers")
         count = math.prod(shape)
         if datatype == "BYTES":

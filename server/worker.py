@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from server.channel import Channel
-from server.config import Config, ModelConf, slot_device, slot_threads
+from server.config import Config, ModelConf, slot_device, slot_threads, split_listener_key
 from server.loadboard import LoadBoard
 from server.logs import Logs, log
 from server.master import EXIT_FATAL, HEARTBEAT_EVERY
@@ -150,11 +150,11 @@ class WorkerProcess:
         self.zmq = ZmqServer(self.engine, self.ctx, access, lambda: self.ready, self.cfg.client_max_body_size)
         self.http_servers = []
         for key, sock in self.listeners.items():
-            kind, host, port = key.split(":", 2)[0], *key.split(":", 1)[1].rsplit(":", 1)
+            kind, host, port = split_listener_key(key)
             if kind == "http":
                 self.http_servers.append(await loop.create_server(self.http.protocol, sock=sock, backlog=1024))
             else:
-                self.zmq.bind_inherited(sock, host, int(port))
+                self.zmq.bind_inherited(sock, host, port)
         self.ipc = f"ipc://{self.cfg.run_dir}/worker-{os.getpid()}.sock"
         self.zmq.bind_internal(self.ipc)
 

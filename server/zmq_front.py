@@ -48,6 +48,9 @@ class ZmqServer:
     def bind_inherited(self, sock: socket.socket, host: str, port: int) -> None:
         router = self._router()
         router.setsockopt(zmq.USE_FD, os.dup(sock.fileno()))  # libzmq owns (and closes) the duplicate
+        if ":" in host:
+            router.setsockopt(zmq.IPV6, 1)
+            host = f"[{host}]"
         router.bind(f"tcp://{host}:{port}")
         self._serve(router, "zmq")
 
@@ -59,6 +62,9 @@ class ZmqServer:
     def _router(self) -> zmq.Socket:
         router = self.ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 1000)
+        # libzmq buffers a whole message before we see it: a frame over twice the body limit
+        # drops the connection (memory safety); anything up to that gets a clear 413 below
+        router.setsockopt(zmq.MAXMSGSIZE, min(2 * self.max_message, (1 << 63) - 1))
         router.copy_threshold = wire.COPY_THRESHOLD
         self.sockets.append(router)
         return router
@@ -110,14 +116,15 @@ class ZmqServer:
                 raise wire.WireError(f"protocol version {header['v']} is newer than this server's ({wire.VERSION})")
             op = header.get("op")
             if op == "infer":
-                model = header.get("model")
-                if not isinstance(model, str):
-                    raise wire.WireError("infer needs a 'model' name")
+                if not isinstance(header.get("model"), str):
+                    raise wire.WireError("infer needs a 'model' name (a string)")
+                model = header["model"]
                 inputs = wire.decode_tensors(header.get("inputs"), payload)
                 params = header.get("parameters") or {}
                 if not isinstance(params, dict):
                     raise wire.WireError("'parameters' must be a map")
-                outputs, timing = await self.engine.infer(model, inputs, params, forwarded=bool(header.get("fwd")))
+                forwarded = protocol == "peer" and bool(header.get("fwd"))  # clients cannot skip routing
+                outputs, timing = await self.engine.infer(model, inputs, params, forwarded=forwarded)
                 t = {"queue_ms": timing.queue_ms, "compute_ms": timing.compute_ms, "batch_size": timing.batch_size}
                 reply = wire.reply_ok(request_id, outputs, timing=t, **extra)
                 self._log(protocol, model, 200, frames, reply, started, timing)

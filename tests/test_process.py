@@ -369,3 +369,50 @@ def test_converter_refuses_arbitrary_pickles(tmp_path: Path) -> None:
     r = subprocess.run([str(BIN.parent / "modelsrv-convert"), "densenet", str(evil), str(tmp_path / "out")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "refused" in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_term_during_a_graceful_quit_wins(make_server) -> None:
+    s = make_server().start()
+    stuck = s.worker_pids()[0]
+    os.kill(stuck, signal.SIGSTOP)  # a worker that will never finish its drain
+    s.signal(signal.SIGQUIT)
+    time.sleep(0.5)
+    s.signal(signal.SIGTERM)
+    t0 = time.monotonic()
+    assert s.wait_exit(15) == 0
+    assert time.monotonic() - t0 < 10  # not worker_shutdown_timeout (20s) + 5
+    assert not alive(stuck)
+
+
+def test_usr1_that_cannot_open_the_log_keeps_serving(make_server) -> None:
+    s = make_server().start()
+    moved = s.error_log.with_suffix(".log.1")
+    os.rename(s.error_log, moved)
+    s.error_log.mkdir()  # the path is now a directory: open() fails
+    s.signal(signal.SIGUSR1)
+    wait_for(lambda: "reopening" in moved.read_text() and "failed" in moved.read_text(), 20, what="the error, in the old file")
+    assert alive(s.master_pid())
+    assert infer_json(s.url, "tiny", SMALL_IMAGE)[0] == 200
+
+
+def test_reload_to_another_port_stops_serving_the_old_one(make_server) -> None:
+    from tests.conftest import free_port
+
+    s = make_server().start()
+    old_port, s.http_port = s.http_port, free_port()
+    old = set(s.worker_pids())
+    s.write_conf()
+    s.signal(signal.SIGHUP)
+    wait_for(lambda: not (set(s.worker_pids()) & old) and len(s.worker_pids()) == 2, 60, what="workers replaced")
+    assert infer_json(s.url, "tiny", SMALL_IMAGE)[0] == 200
+    wait_for(lambda: _refused(old_port), 20, what="the old port to be closed")
+
+
+def _refused(port: int) -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        return False
+    except OSError:
+        return True

@@ -223,6 +223,9 @@ def assert_still_serving(server) -> None:
         (b'{"inputs": [{"name": "images", "datatype": "FP99", "shape": [1], "data": [1]}]}', 400, "datatype"),
         (b'{"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["not an image"]}]}', 400, "image"),
         (b"[1, 2]", 400, "inputs"),
+        (b'{"inputs": [{"name": "images", "datatype": "FP32", "shape": [true, 3], "data": [1, 2, 3]}]}', 400, "shape"),
+        (b'{"inputs": [{"name": "images", "datatype": ["FP32"], "shape": [1], "data": [1]}]}', 400, "datatype"),
+        (b'{"inputs": [{"name": "images", "datatype": "FP32", "shape": [99999999999, 99999999999], "data": [1]}]}', 400, "values"),
     ],
 )
 def test_bad_json_requests_get_clear_errors(server, body: bytes, status: int, fragment: str) -> None:
@@ -364,6 +367,11 @@ def test_zmq_garbage_and_bad_tensors_get_error_replies(server) -> None:
                              "inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 3, 32, 32], "frame": 5}]})], "frame"),
             ([msgpack.packb({"id": 3, "op": "launch_missiles"})], "unknown op"),
             ([msgpack.packb({"id": 4, "op": "infer", "model": "ghost", "inputs": []})], "ghost"),
+            ([msgpack.packb({"id": 5, "op": "infer", "model": [1], "inputs": []})], "model"),
+            ([msgpack.packb({"id": 6, "op": "infer", "model": "tiny",
+                             "inputs": [{"name": "images", "datatype": ["FP32"], "shape": [1], "frame": 0}]}), b"\0" * 4], "datatype"),
+            ([msgpack.packb({"id": 7, "op": "infer", "model": "tiny",
+                             "inputs": [{"name": "images", "datatype": "FP32", "shape": [True], "frame": 0}]}), b"\0" * 4], "shape"),
         ]
         for frames, fragment in cases:
             s.send_multipart(frames)
