@@ -164,6 +164,38 @@ def test_deep_queue_hands_work_to_an_idle_peer(server) -> None:
     assert log.count('zmq "infer balance" 200') == 24
 
 
+def test_client_cannot_skip_splitting_with_the_internal_fwd_flag(server) -> None:
+    x = np.zeros((6, 3, 32, 32), np.float32)
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.RCVTIMEO, 20000)
+    s.connect(server.zmq_address)
+    try:
+        from server import wire
+
+        frames = wire.request("infer", 99, "split", {"images": x})
+        header = msgpack.unpackb(frames[0])
+        header["fwd"] = True
+        s.send_multipart([msgpack.packb(header), *frames[1:]])
+        reply = msgpack.unpackb(s.recv_multipart()[0])
+    finally:
+        s.close()
+    assert reply["ok"], reply
+    # split into chunks of max_batch_size 2: no batch of "split" ever ran with more than 2 items
+    text = http("GET", server.url + "/metrics")[2].decode()
+    count = float(re.search(r'^modelsrv_batch_size_count\{model="split"\} (\S+)$', text, re.M).group(1))
+    small = float(re.search(r'^modelsrv_batch_size_bucket\{le="2.0",model="split"\} (\S+)$', text, re.M).group(1))
+    assert count > 0 and small == count
+
+
+def test_large_request_is_admitted_once_not_per_chunk(server) -> None:
+    """small_queue holds 1 request; a request of 3 items (max_batch_size 1) is still served."""
+    with Client(server.zmq_address, retries=0) as c:
+        out = c.infer("small_queue", {"images": np.zeros((3, 3, 32, 32), np.float32)})
+    assert out["logits"].shape == (3, 7)
+
+
 def test_metrics_aggregate_over_workers(server) -> None:
     with Client(server.zmq_address, connections=4) as c:
         for _ in range(8):
