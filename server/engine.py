@@ -82,7 +82,6 @@ class Engine:
         self.ctx = ctx
         self.peers: dict[str, Peer] = {}
         self.ids = itertools.count()
-        self.draining = False
 
     # -- the peer table ----------------------------------------------------------------------------
     def set_peers(self, table: list[dict[str, Any]]) -> None:

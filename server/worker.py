@@ -200,7 +200,6 @@ class WorkerProcess:
                 self._stop_accepting()
                 self.http.drain()
                 self.zmq.draining = True
-                self.engine.draining = True
                 deadline = time.monotonic() + self.cfg.worker_shutdown_timeout
             if self.reopen:
                 self.reopen = False
