@@ -39,6 +39,7 @@ class Timing:
     queue_ms: float = 0.0
     compute_ms: float = 0.0
     batch_size: int = 0
+    worker: str = ""  # "generation:slot" of the worker that ran it (ZMQ replies carry it, for operators)
 
 
 @dataclass
@@ -81,8 +82,10 @@ class Device:
 
 
 class Batcher:
-    def __init__(self, name: str, model: Model, conf: ModelConf, device: Device, board: LoadBoard | None = None) -> None:
+    def __init__(self, name: str, model: Model, conf: ModelConf, device: Device, board: LoadBoard | None = None,
+                 worker: str = "") -> None:
         self.name, self.model, self.conf, self.device, self.board = name, model, conf, device, board
+        self.worker = worker
         self.queue: deque[_Pending] = deque()
         self.wakeup = asyncio.Event()
         self.inflight = 0
@@ -167,7 +170,7 @@ class Batcher:
                     if isinstance(result, BaseException):
                         pending.future.set_exception(result)
                     else:
-                        timing = Timing((started - pending.enqueued) * 1000, compute * 1000, items)
+                        timing = Timing((started - pending.enqueued) * 1000, compute * 1000, items, self.worker)
                         self.m_queue_s.observe(started - pending.enqueued)
                         self.m_compute_s.observe(compute)
                         pending.future.set_result((result, timing))

@@ -82,6 +82,7 @@ class Engine:
         self.ctx = ctx
         self.peers: dict[str, Peer] = {}
         self.ids = itertools.count()
+        self.draining = False  # set when the worker quits: new work goes to peers that are not
 
     # -- the peer table ----------------------------------------------------------------------------
     def set_peers(self, table: list[dict[str, Any]]) -> None:
@@ -144,6 +145,11 @@ class Engine:
         size = request_size(inputs)
         if batcher is None:
             return await self._on_peers(hosts, name, inputs, parameters)
+        if self.draining and hosts and not forwarded:  # a retiring worker takes no new work it can hand on
+            try:
+                return await self._on_peers(hosts, name, inputs, parameters)
+            except PeerUnavailable:
+                pass
         limit = batcher.conf.max_batch_size
         if forwarded:
             return await batcher.submit(inputs, parameters)
@@ -196,7 +202,8 @@ class Engine:
         for key in parts[0][0]:
             values = [p[0][key] for p in parts]
             outputs[key] = sum(values, []) if isinstance(values[0], list) else np.concatenate(values)
-        timing = Timing(max(p[1].queue_ms for p in parts), max(p[1].compute_ms for p in parts), size)
+        timing = Timing(max(p[1].queue_ms for p in parts), max(p[1].compute_ms for p in parts), size,
+                        ",".join(sorted({p[1].worker for p in parts})))
         return outputs, timing
 
     async def _on_peers(self, hosts: list[Peer], name: str, inputs, parameters):
@@ -242,7 +249,7 @@ class Engine:
                     raise PeerUnavailable(message)  # placement changed under us: try elsewhere
                 raise RemoteError(code, message)
             t = header.get("timing", {})
-            return outputs, Timing(t.get("queue_ms", 0.0), t.get("compute_ms", 0.0), t.get("batch_size", 0))
+            return outputs, Timing(t.get("queue_ms", 0.0), t.get("compute_ms", 0.0), t.get("batch_size", 0), t.get("worker", ""))
         finally:
             peer.waiting.pop(request_id, None)
             peer.outstanding -= 1

@@ -139,7 +139,8 @@ class WorkerProcess:
         device = Device()
         models = {name: model for name, (_, model, _) in self.loaded.items()}
         self.board = LoadBoard(self.cfg.run_dir / f"worker-{os.getpid()}.load", sorted(models))
-        batchers = {name: Batcher(name, model, mc, device, self.board) for name, (mc, model, _) in self.loaded.items()}
+        me = f"{self.generation}:{self.slot}"
+        batchers = {name: Batcher(name, model, mc, device, self.board, me) for name, (mc, model, _) in self.loaded.items()}
         meta = {name: model_metadata(name, mc, model) for name, (mc, model, _) in self.loaded.items()}
         for b in batchers.values():
             b.start()
@@ -200,6 +201,7 @@ class WorkerProcess:
                 self._stop_accepting()
                 self.http.drain()
                 self.zmq.draining = True
+                self.engine.draining = True
                 deadline = time.monotonic() + self.cfg.worker_shutdown_timeout
             if self.reopen:
                 self.reopen = False

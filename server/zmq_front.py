@@ -125,7 +125,8 @@ class ZmqServer:
                     raise wire.WireError("'parameters' must be a map")
                 forwarded = protocol == "peer" and bool(header.get("fwd"))  # clients cannot skip routing
                 outputs, timing = await self.engine.infer(model, inputs, params, forwarded=forwarded)
-                t = {"queue_ms": timing.queue_ms, "compute_ms": timing.compute_ms, "batch_size": timing.batch_size}
+                t = {"queue_ms": timing.queue_ms, "compute_ms": timing.compute_ms, "batch_size": timing.batch_size,
+                     "worker": timing.worker}
                 reply = wire.reply_ok(request_id, outputs, timing=t, **extra)
                 self._log(protocol, model, 200, frames, reply, started, timing)
             else:

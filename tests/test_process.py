@@ -416,3 +416,39 @@ def _refused(port: int) -> bool:
         return False
     except OSError:
         return True
+
+
+def test_a_retiring_worker_hands_new_work_to_the_new_generation(make_server) -> None:
+    """During a reload, a request reaching an old worker after it began to drain runs on a new one."""
+    import numpy as np
+    import zmq
+
+    from server import wire
+
+    s = make_server().start()
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(s.zmq_address)  # one connection, kept across the reload: it stays on its old worker
+    x = np.zeros((1, 3, 32, 32), np.float32)
+    old = set(s.worker_pids())
+    replies = []
+    try:
+        s.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            sock.send_multipart(wire.request("infer", len(replies), "tiny", {"images": x}))
+            assert sock.poll(20000), "no reply"
+            header = wire.unpack(sock.recv_multipart()[0])
+            assert header["ok"], header
+            replies.append(header)
+            if header.get("closing"):
+                break
+            time.sleep(0.01)
+    finally:
+        sock.close()
+    closing = [h for h in replies if h.get("closing")]
+    assert closing, "the old worker never drained while the client was connected"
+    first_generation = replies[0]["timing"]["worker"].split(":")[0]
+    assert closing[0]["timing"]["worker"].split(":")[0] != first_generation, closing[0]
+    wait_for(lambda: not (set(s.worker_pids()) & old), 60, what="old workers gone")
