@@ -44,6 +44,7 @@ def test_config_test_good_and_includes(make_server) -> None:
         ("worker_timeout 10", 'invalid number of arguments in "worker_timeout"', 5),  # missing ";"
         ("worker_timeout ten;", 'invalid time "ten"', 5),
         ("daemon maybe;", 'it must be "on" or "off"', 5),
+        ("worker_timeout 0;", '"worker_timeout" must be greater than 0', 5),
         ("model m {\n  path /nonexistent/model;\n}", "does not exist", 5),
         (f"model m {{\n  path {TINY};\n  max_batch_size -3;\n}}", "max_batch_size", 7),
     ],
