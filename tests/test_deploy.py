@@ -12,7 +12,7 @@ import re
 import subprocess
 from pathlib import Path
 
-import pytest
+import yaml  # PyYAML: a test dependency (pyproject's test extra)
 
 from server.config import load_config, parse_time
 from tests.conftest import BIN, REPO, fixture_path
@@ -24,162 +24,8 @@ LOGROTATE = DEPLOY / "logrotate" / "modelsrv"
 DOCKERFILE = DEPLOY / "Dockerfile"
 INSTALL_DIR = "/opt/modelsrv"
 
-try:
-    import yaml
-except ImportError:  # PyYAML is not a dependency of the project; the minimal parser below stands in
-    yaml = None
-
-
-# -- a minimal YAML reader for the subset the manifests use -------------------------------------
-# (block mappings and sequences, "|" / ">-" block scalars, JSON-style flow values and quoted
-# strings, comments). Used when PyYAML is missing, and checked against PyYAML when it is there.
-
-def _strip_comment(text: str) -> str:
-    quote = None
-    for i, ch in enumerate(text):
-        if quote:
-            if ch == quote:
-                quote = None
-        elif ch in "\"'":
-            quote = ch
-        elif ch == "#" and (i == 0 or text[i - 1] in " \t"):
-            return text[:i].rstrip()
-    return text.rstrip()
-
-
-def _split_key(text: str) -> tuple[str, str] | None:
-    quote = None
-    for i, ch in enumerate(text):
-        if quote:
-            if ch == quote:
-                quote = None
-        elif ch in "\"'":
-            quote = ch
-        elif ch == ":" and (i + 1 == len(text) or text[i + 1] == " "):
-            return text[:i].strip().strip("\"'"), text[i + 1 :].strip()
-    return None
-
-
-def _scalar(text: str):
-    if text[0] in "\"[{":
-        return json.loads(text)
-    if text[0] == "'":
-        return text[1:-1].replace("''", "'")
-    if text in ("true", "false"):
-        return text == "true"
-    if text in ("null", "~"):
-        return None
-    if re.fullmatch(r"-?\d+", text):
-        return int(text)
-    return text
-
-
-class _MiniYaml:
-    def __init__(self, lines: list[str]) -> None:
-        self.lines, self.i = lines, 0
-
-    def _peek(self) -> tuple[int, str] | None:
-        while self.i < len(self.lines):
-            line = self.lines[self.i]
-            text = _strip_comment(line.strip())
-            if text:
-                if "\t" in line[: len(line) - len(line.lstrip())]:
-                    raise ValueError(f"line {self.i + 1}: tab in indentation")
-                return len(line) - len(line.lstrip(" ")), text
-            self.i += 1
-        return None
-
-    def parse(self):
-        p = self._peek()
-        if p is None:
-            return None
-        value = self._block(p[0])
-        if self._peek() is not None:
-            raise ValueError(f"line {self.i + 1}: bad indentation")
-        return value
-
-    def _block(self, indent: int):
-        _, text = self._peek()
-        return self._seq(indent) if text == "-" or text.startswith("- ") else self._map(indent)
-
-    def _seq(self, indent: int) -> list:
-        out = []
-        while (p := self._peek()) and p[0] == indent and (p[1] == "-" or p[1].startswith("- ")):
-            rest = p[1][1:].lstrip()
-            if not rest:
-                self.i += 1
-                q = self._peek()
-                out.append(self._block(q[0]) if q and q[0] > indent else None)
-            elif rest in ("|", "|-", ">", ">-"):
-                self.i += 1
-                out.append(self._block_scalar(rest, indent))
-            elif _split_key(rest):
-                column = indent + len(p[1]) - len(rest)
-                self.lines[self.i] = " " * column + rest  # the item's mapping starts at its first key
-                out.append(self._map(column))
-            else:
-                self.i += 1
-                out.append(_scalar(rest))
-        if p and p[0] > indent:
-            raise ValueError(f"line {self.i + 1}: bad indentation")
-        return out
-
-    def _map(self, indent: int) -> dict:
-        out: dict = {}
-        while (p := self._peek()) and p[0] == indent and not (p[1] == "-" or p[1].startswith("- ")):
-            kv = _split_key(p[1])
-            if kv is None:
-                raise ValueError(f"line {self.i + 1}: expected 'key: value', got {p[1]!r}")
-            key, rest = kv
-            if key in out:
-                raise ValueError(f"line {self.i + 1}: duplicate key {key!r}")
-            self.i += 1
-            if rest in ("|", "|-", ">", ">-"):
-                out[key] = self._block_scalar(rest, indent)
-            elif rest:
-                out[key] = _scalar(rest)
-            else:
-                q = self._peek()
-                nested = q and (q[0] > indent or (q[0] == indent and (q[1] == "-" or q[1].startswith("- "))))
-                out[key] = self._block(q[0]) if nested else None
-        if p and p[0] > indent:
-            raise ValueError(f"line {self.i + 1}: bad indentation")
-        return out
-
-    def _block_scalar(self, style: str, indent: int) -> str:
-        raw = []
-        while self.i < len(self.lines):
-            line = self.lines[self.i]
-            if line.strip() and len(line) - len(line.lstrip(" ")) <= indent:
-                break
-            raw.append(line)
-            self.i += 1
-        while raw and not raw[-1].strip():
-            raw.pop()
-        if not raw:
-            return ""
-        cut = min(len(x) - len(x.lstrip(" ")) for x in raw if x.strip())
-        body = [x[cut:] if x.strip() else "" for x in raw]
-        text = "\n".join(body) if style[0] == "|" else " ".join(b for b in body if b)
-        return text if style.endswith("-") else text + "\n"
-
-
-def mini_yaml_load_all(text: str) -> list:
-    docs, current = [], []
-    for line in text.splitlines():
-        if line.strip() == "---":
-            docs.append(current)
-            current = []
-        else:
-            current.append(line)
-    docs.append(current)
-    return [d for d in (_MiniYaml(lines).parse() for lines in docs) if d is not None]
-
-
 def load_yaml(path: Path) -> list:
-    text = path.read_text()
-    docs = list(yaml.safe_load_all(text)) if yaml is not None else mini_yaml_load_all(text)
-    return [d for d in docs if d is not None]
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
 
 
 def manifests() -> dict[str, dict]:
@@ -196,49 +42,6 @@ def manifests() -> dict[str, dict]:
 def container() -> dict:
     (c,) = manifests()["Deployment"]["spec"]["template"]["spec"]["containers"]
     return c
-
-
-# -- the YAML reader itself ----------------------------------------------------------------------
-
-def test_minimal_yaml_reader_on_a_known_sample() -> None:
-    sample = (
-        "# comment\n"
-        "a: 1\n"
-        "b: \"x # not a comment\"   # a comment\n"
-        "c:\n"
-        "  - name: one\n"
-        "    port: 80\n"
-        "  - [\"ALL\"]\n"
-        "  - -c\n"
-        "  - >-\n"
-        "    a\n"
-        "    b\n"
-        "d: |\n"
-        "  line one # kept\n"
-        "\n"
-        "    indented\n"
-        "e: >-\n"
-        "  folded\n"
-        "  text\n"
-        "f:\n"
-        "g: 'it''s'\n"
-    )
-    assert mini_yaml_load_all(sample) == [{
-        "a": 1, "b": "x # not a comment", "c": [{"name": "one", "port": 80}, ["ALL"], "-c", "a b"],
-        "d": "line one # kept\n\n  indented\n", "e": "folded text", "f": None, "g": "it's",
-    }]
-    with pytest.raises(ValueError):
-        mini_yaml_load_all("a: 1\n b: 2\n")
-
-
-def test_minimal_yaml_reader_agrees_with_pyyaml_on_the_manifests() -> None:
-    files = sorted(K8S.glob("*.yaml"))
-    assert len(files) >= 3
-    for path in files:
-        mini = mini_yaml_load_all(path.read_text())
-        assert mini, f"{path.name} is empty"
-        if yaml is not None:
-            assert mini == [d for d in yaml.safe_load_all(path.read_text()) if d is not None], path.name
 
 
 # -- Kubernetes ------------------------------------------------------------------------------------
