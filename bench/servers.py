@@ -20,7 +20,23 @@ from bench.common import (
 )
 
 
-class ModelsrvServer:
+class _Process:
+    """A server process tree started by ``start()``: its pids, its memory, and stopping it by PID."""
+
+    proc: subprocess.Popen | None = None
+
+    def pids(self) -> list[int]:
+        return [self.proc.pid, *descendants(self.proc.pid)] if self.proc else []
+
+    def pss(self) -> float:
+        return pss_mib(self.pids())
+
+    def stop(self) -> None:
+        stop_tree(self.proc)
+        self.proc = None
+
+
+class ModelsrvServer(_Process):
     """bin/modelsrv with ``workers`` workers (worker_cpu_affinity auto: one core each on 2 cores)."""
 
     def __init__(self, prefix: Path, models: dict[str, dict], workers: int = 2, access_log: bool = True) -> None:
@@ -80,18 +96,9 @@ class ModelsrvServer:
                 pass
         return sorted(out)
 
-    def pids(self) -> list[int]:
-        return [self.proc.pid, *descendants(self.proc.pid)] if self.proc else []
-
-    def pss(self) -> float:
-        return pss_mib(self.pids())
-
-    def stop(self) -> None:
-        stop_tree(self.proc)
-        self.proc = None
 
 
-class EchoServer:
+class EchoServer(_Process):
     def __init__(self, prefix: Path) -> None:
         self.port = free_port()
         self.log = prefix / "echo.log"
@@ -108,15 +115,9 @@ class EchoServer:
         wait_for(lambda: "ready" in self.log.read_text(), 30, "echo server", 0.05, self.proc, self.log)
         return self
 
-    def pids(self) -> list[int]:
-        return [self.proc.pid] if self.proc else []
-
-    def stop(self) -> None:
-        stop_tree(self.proc)
-        self.proc = None
 
 
-class LitServeServer:
+class LitServeServer(_Process):
     """bench/litserve_app.py in .venv-bench (LitServe), 2 inference workers of 1 thread, pinned."""
 
     def __init__(self, prefix: Path, folder: str, workers: int = 2, max_batch_size: int = 32,
@@ -143,12 +144,3 @@ class LitServeServer:
                  0.25, self.proc, self.log)
         return self
 
-    def pids(self) -> list[int]:
-        return [self.proc.pid, *descendants(self.proc.pid)] if self.proc else []
-
-    def pss(self) -> float:
-        return pss_mib(self.pids())
-
-    def stop(self) -> None:
-        stop_tree(self.proc)
-        self.proc = None

@@ -164,13 +164,18 @@ def test_deep_queue_hands_work_to_an_idle_peer(server) -> None:
     assert log.count('zmq "infer balance" 200') == 24
 
 
-def test_client_cannot_skip_splitting_with_the_internal_fwd_flag(server) -> None:
-    x = np.zeros((6, 3, 32, 32), np.float32)
-    ctx = zmq.Context.instance()
-    s = ctx.socket(zmq.DEALER)
+def raw_dealer(server) -> zmq.Socket:
+    """A bare pyzmq DEALER on the server's ZMQ port, for frames the project's client would never send."""
+    s = zmq.Context.instance().socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
     s.setsockopt(zmq.RCVTIMEO, 20000)
     s.connect(server.zmq_address)
+    return s
+
+
+def test_client_cannot_skip_splitting_with_the_internal_fwd_flag(server) -> None:
+    x = np.zeros((6, 3, 32, 32), np.float32)
+    s = raw_dealer(server)
     try:
         from server import wire
 
@@ -384,11 +389,7 @@ def test_zmq_oversized_message_is_413_even_with_inline_bytes(server) -> None:
 
 
 def test_zmq_garbage_and_bad_tensors_get_error_replies(server) -> None:
-    ctx = zmq.Context.instance()
-    s = ctx.socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
-    s.setsockopt(zmq.RCVTIMEO, 10000)
-    s.connect(server.zmq_address)
+    s = raw_dealer(server)
     try:
         cases = [
             ([b"\xc1\xff garbage"], "msgpack"),
