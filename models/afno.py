@@ -38,8 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import InputError, Model, RequestTensor, TensorSpec, register
-from models.convert import converter
+from models.base import InputError, Model, RequestTensor, TensorSpec
 from models.weights import build_on_meta, load_into, read_state_dict, torch_load_tensors, write_model_folder
 
 MAX_STEPS = 64  # upper bound of the ``steps`` request parameter (each step is a full forward)
@@ -286,11 +285,18 @@ def parse_steps(parameters: Mapping[str, Any]) -> int | None:
     return steps
 
 
-@register
 class AFNOModel(Model):
     """AFNONet served as ``fields`` -> ``forecast`` with an optional autoregressive ``steps`` rollout."""
 
     model_type = "afno"
+
+    @classmethod
+    def convert(cls, src: Path, out: Path, args: argparse.Namespace) -> Path:
+        return convert_afno(src, out, args)
+
+    @classmethod
+    def add_convert_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        add_arguments(parser)
 
     def __init__(
         self, folder: Path, config: dict[str, Any], device: torch.device, cfg: AFNOConfig, net: AFNONet
@@ -500,7 +506,6 @@ def infer_config(state: Mapping[str, torch.Tensor], args: argparse.Namespace | N
     return AFNOConfig.from_dict(config)
 
 
-@converter("afno", add_arguments)
 def convert_afno(src: Path, out: Path, args: argparse.Namespace) -> Path:
     """FourCastNet ``backbone.ckpt`` (``model_state`` with DDP ``module.`` keys) -> model folder."""
     ckpt = torch_load_tensors(Path(src))  # weights_only=True: refuses arbitrary pickled objects

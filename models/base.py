@@ -22,14 +22,15 @@ import torch
 
 from models.spec import KSERVE_TO_NUMPY, NUMPY_TO_KSERVE, InputError, RequestTensor, TensorSpec
 
-__all__ = ["KSERVE_TO_NUMPY", "NUMPY_TO_KSERVE", "InputError", "Model", "RequestTensor", "TensorSpec", "load_model", "register"]
+__all__ = ["KSERVE_TO_NUMPY", "NUMPY_TO_KSERVE", "InputError", "Model", "RequestTensor", "TensorSpec", "load_model"]
 
 
 class Model(abc.ABC):
-    """Base class of every servable model; subclasses register themselves by ``model_type``.
+    """Base class of every servable model; ``models.catalog`` names each subclass by its ``model_type``.
 
     Subclasses set ``model_type``, ``inputs`` and ``outputs`` (as class or instance attributes)
-    and implement ``build``, ``prepare`` and ``forward``.
+    and implement ``build``, ``prepare`` and ``forward``; those with a release checkpoint format
+    implement ``convert`` (and ``add_convert_arguments``) for ``bin/modelsrv-convert``.
     """
 
     model_type: ClassVar[str]
@@ -46,6 +47,21 @@ class Model(abc.ABC):
     @abc.abstractmethod
     def build(cls, folder: Path, config: dict[str, Any], device: torch.device) -> Model:
         """Build the model from ``folder`` (weights from safetensors only) on ``device``."""
+
+    # -- conversion of pickled release checkpoints (bin/modelsrv-convert) ----------------------------
+    @classmethod
+    def convert(cls, src: Path, out: Path, args: Any) -> Path:
+        """Turn the pickled checkpoint ``src`` into the model folder ``out`` (``torch.load(weights_only=True)``)."""
+        raise NotImplementedError(f"model_type {cls.model_type!r} has no converter")
+
+    @classmethod
+    def add_convert_arguments(cls, parser: Any) -> None:
+        """Options of this model type's converter (an argparse parser); none by default."""
+        return None
+
+    @classmethod
+    def has_converter(cls) -> bool:
+        return cls.convert.__func__ is not Model.convert.__func__
 
     # -- per request ----------------------------------------------------------------------------
     @abc.abstractmethod
@@ -104,28 +120,6 @@ class Model(abc.ABC):
                 raise InputError(f"input {spec.name!r} has an empty batch")
 
 
-_REGISTRY: dict[str, type[Model]] = {}
-
-
-def register(cls: type[Model]) -> type[Model]:
-    """Class decorator: make ``cls`` the implementation of its ``model_type``."""
-    _REGISTRY[cls.model_type] = cls
-    return cls
-
-
-def model_class(model_type: str) -> type[Model]:
-    _import_builtin_models()
-    try:
-        return _REGISTRY[model_type]
-    except KeyError:
-        raise ValueError(f"unknown model_type {model_type!r} (known: {sorted(_REGISTRY)})") from None
-
-
-def known_model_types() -> list[str]:
-    _import_builtin_models()
-    return sorted(_REGISTRY)
-
-
 def read_config(folder: Path) -> dict[str, Any]:
     path = Path(folder) / "config.json"
     try:
@@ -143,18 +137,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Model:
     """Build the model that ``folder/config.json`` names, with its weights, on ``device``, in eval mode."""
     folder = Path(folder)
     config = read_config(folder)
+    from models.catalog import model_class
+
     cls = model_class(config["model_type"])
     return cls.build(folder, config, torch.device(device))
-
-
-def _import_builtin_models() -> None:
-    import importlib
-
-    from models.catalog import MODEL_TYPES
-
-    for module in MODEL_TYPES.values():
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:  # a model file not written yet; any other error propagates
-            if exc.name != module:
-                raise

@@ -1,17 +1,39 @@
-"""What the master may know about models without importing torch: the model types and folder layout."""
+"""The one registry of model types, readable without torch.
+
+``MODEL_TYPES`` maps a folder's ``model_type`` to the class that serves it. The master checks
+configs against it and must never import torch, so the classes are named, not imported, here;
+a worker imports the one it serves (``model_class``). A converter for pickled release
+checkpoints is part of the class (``Model.convert``), so adding a model type is one line here
+and one file under ``models/``.
+"""
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
+from typing import Any
 
-# model_type -> module under models/ implementing it.
+# model_type -> "module:Class" implementing it
 MODEL_TYPES: dict[str, str] = {
-    "densenet": "models.densenet",
-    "afno": "models.afno",
-    "maskformer": "models.maskformer",
-    "detr3d": "models.detr3d",
+    "afno": "models.afno:AFNOModel",
+    "densenet": "models.densenet:DenseNetModel",
+    "detr3d": "models.detr3d:Detr3DModel",
+    "maskformer": "models.maskformer:MaskFormer",
 }
+
+
+def model_class(model_type: str) -> Any:
+    """The ``models.base.Model`` subclass serving ``model_type`` (imports it, and so torch)."""
+    try:
+        module, _, name = MODEL_TYPES[model_type].partition(":")
+    except KeyError:
+        raise ValueError(f"unknown model_type {model_type!r} (known: {', '.join(sorted(MODEL_TYPES))})") from None
+    return getattr(importlib.import_module(module), name)
+
+
+def known_model_types() -> list[str]:
+    return sorted(MODEL_TYPES)
 
 
 def check_model_folder(folder: Path) -> str:

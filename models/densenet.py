@@ -31,8 +31,7 @@ from PIL import Image
 from torch import nn
 
 from models import weights
-from models.base import InputError, Model, RequestTensor, TensorSpec, register
-from models.convert import converter
+from models.base import InputError, Model, RequestTensor, TensorSpec
 from models.weights import build_on_meta, load_into, read_state_dict, torch_load_tensors, write_model_folder
 
 # torchvision's densenet121/161/169/201 (torchvision.models.densenet).
@@ -270,11 +269,18 @@ def normalize(cropped: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # The servable model
 # ---------------------------------------------------------------------------------------------
-@register
 class DenseNetModel(Model):
     """Image classifier: ``images`` (normalized FP32) or ``image`` (encoded bytes) -> ``logits``."""
 
     model_type: ClassVar[str] = "densenet"
+
+    @classmethod
+    def convert(cls, src: Path, out: Path, args: argparse.Namespace) -> Path:
+        return convert_densenet(src, out, args)
+
+    @classmethod
+    def add_convert_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        _add_arguments(parser)
 
     def __init__(self, folder: Path, config: dict[str, Any], device: torch.device, module: DenseNet) -> None:
         super().__init__(folder, config, device)
@@ -419,7 +425,6 @@ def check_state(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) ->
     weights.check_state(lambda: densenet_from_config(config), state, f"the DenseNet config {dict(config)}")
 
 
-@converter("densenet", _add_arguments)
 def convert_densenet(src: Path, out: Path, args: argparse.Namespace | None = None) -> Path:
     """torchvision densenet*.pth (legacy or modern key names) -> ``config.json`` + ``model.safetensors``.
 

@@ -35,8 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import weights
-from models.base import InputError, Model, RequestTensor, TensorSpec, register
-from models.convert import converter
+from models.base import InputError, Model, RequestTensor, TensorSpec
 from models.weights import build_on_meta, load_into, read_state_dict, torch_load_tensors, write_model_folder
 
 NUSCENES_CLASSES = [
@@ -739,11 +738,18 @@ def ring_lidar2img(num_cams: int, height: int, width: int, focal: float | None =
 # ---------------------------------------------------------------------------------------------
 # The servable model
 # ---------------------------------------------------------------------------------------------
-@register
 class Detr3DModel(Model):
     """Multi-camera 3D detector: ``images`` + ``lidar2img`` -> ``boxes``, ``scores``, ``labels``."""
 
     model_type: ClassVar[str] = "detr3d"
+
+    @classmethod
+    def convert(cls, src: Path, out: Path, args: argparse.Namespace) -> Path:
+        return convert_detr3d(src, out, args)
+
+    @classmethod
+    def add_convert_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        _add_arguments(parser)
 
     def __init__(self, folder: Path, config: dict[str, Any], device: torch.device, module: Detr3D) -> None:
         super().__init__(folder, config, device)
@@ -924,7 +930,6 @@ def check_state(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) ->
     weights.check_state(lambda: Detr3D(config), state, "the inferred DETR3D config")
 
 
-@converter("detr3d", _add_arguments)
 def convert_detr3d(src: Path, out: Path, args: argparse.Namespace | None = None) -> Path:
     """Released DETR3D ``.pth`` (mmcv checkpoint: ``state_dict``, ``meta``, ``optimizer``) -> model folder.
 

@@ -48,8 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import weights
-from models.base import InputError, Model, RequestTensor, TensorSpec, register
-from models.convert import converter
+from models.base import InputError, Model, RequestTensor, TensorSpec
 from models.weights import build_on_meta, load_into, read_state_dict, torch_load_tensors, write_model_folder
 
 # ---------------------------------------------------------------------------------------------
@@ -964,9 +963,16 @@ def check_state(settings: MaskFormerSettings, state: Mapping[str, torch.Tensor])
 # ---------------------------------------------------------------------------------------------
 # The servable model
 # ---------------------------------------------------------------------------------------------
-@register
 class MaskFormer(Model):
     model_type = "maskformer"
+
+    @classmethod
+    def convert(cls, src: Path, out: Path, args: argparse.Namespace) -> Path:
+        return convert_maskformer(src, out, args)
+
+    @classmethod
+    def add_convert_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        _add_arguments(parser)
     inputs = (TensorSpec("pixel_values", "FP32", (-1, 3, -1, -1)),)
     outputs = (
         TensorSpec("class_queries_logits", "FP32", (-1, -1, -1)),
@@ -1162,7 +1168,6 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-@converter("maskformer", _add_arguments)
 def convert_maskformer(src: Path, out: Path, args: argparse.Namespace | None = None) -> Path:
     """transformers ``pytorch_model.bin`` (Hub or ``torch.save(model.state_dict())``, either key
     spelling) + its ``config.json`` -> ``config.json`` + ``model.safetensors`` (fp32).

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.signal:
         return send_signal(config, prefix, args.signal)
 
-    from server.master import run_master
+    from server.processes.master import run_master
 
     # what a binary upgrade (USR2) re-executes: the same command, with absolute paths
     reexec = ["-m", "server.cli", "-c", str(config)] + (["-p", str(prefix)] if prefix else [])

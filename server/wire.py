@@ -23,16 +23,17 @@ import msgpack
 import numpy as np
 
 from models.spec import KSERVE_TO_NUMPY, NUMPY_TO_KSERVE, InputError
+from server.errors import BadRequest, PayloadTooLarge
 
 VERSION = 1
 COPY_THRESHOLD = 64 * 1024  # frames above this are sent zero-copy
 
 
-class WireError(ValueError):
+class WireError(BadRequest, ValueError):
     """A malformed message: answered with code 400, never fatal."""
 
 
-class MessageTooLarge(WireError):
+class MessageTooLarge(PayloadTooLarge, WireError):
     """A message above client_max_body_size: answered with code 413."""
 
 

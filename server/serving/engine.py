@@ -21,42 +21,12 @@ import zmq.asyncio
 
 from models.base import InputError, Model, RequestTensor
 from server import wire
-from server.batcher import Batcher, Overloaded, RequestTimeout, Timing, request_size
-from server.loadboard import PeerLoad
+from server.errors import NotFound, PeerUnavailable, RemoteError, RequestTimeout
 from server.logs import log
+from server.serving.batcher import Batcher, Timing, request_size
+from server.serving.loadboard import PeerLoad
 
 PEER_TIMEOUT = 300.0  # a bound for a forwarded request; a dead peer is noticed sooner, via the master
-
-
-class NotFound(LookupError):
-    pass
-
-
-class PeerUnavailable(ConnectionError):
-    """A peer could not take the request before accepting it: safe to retry elsewhere."""
-
-
-def error_code(exc: BaseException) -> int:
-    """The HTTP-like status of an exception, shared by every front door."""
-    if isinstance(exc, wire.MessageTooLarge):
-        return 413
-    if isinstance(exc, (InputError, wire.WireError)):
-        return 400
-    if isinstance(exc, NotFound):
-        return 404
-    if isinstance(exc, RemoteError):
-        return exc.code
-    if isinstance(exc, (Overloaded, PeerUnavailable)):
-        return 503
-    if isinstance(exc, RequestTimeout):
-        return 504
-    return 500
-
-
-class RemoteError(Exception):
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass
@@ -239,7 +209,7 @@ class Engine:
             try:
                 header, outputs = await asyncio.wait_for(fut, PEER_TIMEOUT)
             except asyncio.TimeoutError:
-                raise RemoteError(504, f"peer {peer.key} did not answer within {PEER_TIMEOUT:g}s") from None
+                raise RequestTimeout(f"peer {peer.key} did not answer within {PEER_TIMEOUT:g}s") from None
             if not header.get("ok"):
                 code = header.get("code", 500)
                 message = header.get("error", "peer failed")

@@ -23,15 +23,8 @@ import torch
 from models.base import InputError, Model, RequestTensor
 from server import metrics
 from server.config import ModelConf
-from server.loadboard import LoadBoard
-
-
-class Overloaded(Exception):
-    """The model's queue is full: the client should retry later (HTTP 503 + Retry-After)."""
-
-
-class RequestTimeout(Exception):
-    """The request waited longer than its model's request_timeout."""
+from server.errors import Overloaded, RequestTimeout
+from server.serving.loadboard import LoadBoard
 
 
 @dataclass
@@ -199,11 +192,8 @@ class Batcher:
             try:
                 prepared = self.model.prepare(pending.inputs, pending.parameters)
                 key = (self.model.batch_key(prepared, pending.parameters), _freeze(pending.parameters))
-            except InputError as exc:
+            except Exception as exc:  # InputError: the client's fault (4xx); anything else: a bug (500, logged)
                 results[i] = exc
-                continue
-            except Exception as exc:
-                results[i] = InputError(f"cannot prepare the request: {exc}")
                 continue
             groups.setdefault(key, []).append((i, prepared))
         for members in groups.values():

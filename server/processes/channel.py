@@ -14,6 +14,9 @@ from typing import Any
 import msgpack
 
 MAX_PACKET = 1 << 20
+HEARTBEAT_EVERY = 1.0  # seconds between a worker's heartbeats; the master's worker_timeout counts them
+# Exit status of a worker that cannot load its models: the master does not respawn it (no restart storm).
+EXIT_FATAL = 2
 
 
 class Channel:

@@ -20,9 +20,21 @@ from typing import Any
 
 import httptools
 
-from server import kserve, metrics
-from server.engine import Engine, error_code
+from server import metrics
+from server.errors import (
+    BadRequest,
+    ClientTimeout,
+    HeadersTooLarge,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    ServeError,
+    UriTooLong,
+    status_of,
+)
+from server.frontends import kserve
 from server.logs import access_stamp, log
+from server.serving.engine import Engine
 
 REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
            413: "Payload Too Large", 414: "URI Too Long", 431: "Request Header Fields Too Large",
@@ -31,12 +43,6 @@ MAX_URL = 8 << 10  # bytes of request target
 MAX_HEADERS = 64 << 10  # bytes of header names and values together
 FIRST_REQUEST_GRACE = 1.0  # seconds a just-accepted connection may stay silent while draining
 MODEL_ROUTE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer|/config)?$")
-
-
-class HttpError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass
@@ -48,7 +54,7 @@ class Request:
     keep_alive: bool
     client: str
     started: float
-    error: HttpError | None = None  # found while reading it: answered in its turn, then the connection closes
+    error: ServeError | None = None  # found while reading it: answered in its turn, then the connection closes
 
 
 @dataclass
@@ -115,17 +121,17 @@ class HttpServer:
             return json_response(200, [{"name": n, "state": "READY"} for n in self.engine.known_models()])
         m = MODEL_ROUTE.match(path)
         if not m:
-            raise HttpError(404, f"no route for {req.method} {path}")
+            raise NotFound(f"no route for {req.method} {path}")
         name, version, action = m.group(1), m.group(2) or "1", m.group(3) or ""
         if action == "/infer":
             if req.method != "POST":
-                raise HttpError(405, "infer takes POST")
+                raise MethodNotAllowed("infer takes POST")
             return await self.infer(name, version, req)
         if req.method not in ("GET", "HEAD"):
-            raise HttpError(405, f"{path} takes GET")
+            raise MethodNotAllowed(f"{path} takes GET")
         meta = self.engine.metadata(name)
         if meta is None:
-            raise HttpError(404, f"unknown model {name!r}")
+            raise NotFound(f"unknown model {name!r}")
         if action == "/ready":
             return json_response(200, {"name": name, "ready": True}, model=name)
         if action == "/config":
@@ -135,9 +141,10 @@ class HttpServer:
     async def infer(self, name: str, version: str, req: Request) -> Response:
         header_length = req.headers.get("inference-header-content-length")
         try:
-            parsed = kserve.parse_request(req.body, int(header_length) if header_length is not None else None)
-        except ValueError as exc:  # InputError included
-            raise HttpError(400, str(exc)) from None
+            length = int(header_length) if header_length is not None else None
+        except ValueError:
+            raise BadRequest(f"Inference-Header-Content-Length {header_length!r} is not a number") from None
+        parsed = kserve.parse_request(req.body, length)
         outputs, timing = await self.engine.infer(name, parsed.inputs, parsed.parameters)
         body, json_length = kserve.build_response(name, version, parsed, outputs)
         headers = (("Inference-Header-Content-Length", str(json_length)),) if json_length is not None else ()
@@ -157,7 +164,7 @@ class HttpConnection(asyncio.Protocol):
         self.client = "-"
         self.opened = time.monotonic()
         self.served = 0
-        self.callback_error: HttpError | None = None
+        self.callback_error: ServeError | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -189,11 +196,10 @@ class HttpConnection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._fail(400, "protocol upgrades are not supported")
+            self._fail(BadRequest("protocol upgrades are not supported"))
         except httptools.HttpParserError as exc:
-            # an HttpError raised in a callback reaches us wrapped by the parser
-            cause = self.callback_error or HttpError(400, f"malformed HTTP: {exc}")
-            self._fail(cause.status, str(cause))
+            # an error raised in a callback reaches us wrapped by the parser
+            self._fail(self.callback_error or BadRequest(f"malformed HTTP: {exc}"))
 
     # -- parser callbacks -------------------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -205,29 +211,29 @@ class HttpConnection(asyncio.Protocol):
         self.url += url
         if len(self.url) > MAX_URL:
             self.url = self.url[:200] + b"..."
-            self._callback_fails(414, f"request target longer than {MAX_URL} bytes")
+            self._callback_fails(UriTooLong(f"request target longer than {MAX_URL} bytes"))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.header_bytes += len(name) + len(value)
         if self.header_bytes > MAX_HEADERS:
-            self._callback_fails(431, f"request headers longer than {MAX_HEADERS} bytes")
+            self._callback_fails(HeadersTooLarge(f"request headers longer than {MAX_HEADERS} bytes"))
         self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
         length = self.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.server.max_body:
-            self._callback_fails(413, f"body of {length} bytes exceeds client_max_body_size {self.server.max_body}")
+            self._callback_fails(PayloadTooLarge(f"body of {length} bytes exceeds client_max_body_size {self.server.max_body}"))
         if self.headers.get("expect", "").lower() == "100-continue":  # curl asks this for large bodies
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
         self.body += body
         if len(self.body) > self.server.max_body:
-            self._callback_fails(413, f"body exceeds client_max_body_size {self.server.max_body}")
+            self._callback_fails(PayloadTooLarge(f"body exceeds client_max_body_size {self.server.max_body}"))
 
-    def _callback_fails(self, status: int, message: str) -> None:
-        self.callback_error = HttpError(status, message)
-        raise self.callback_error
+    def _callback_fails(self, error: ServeError) -> None:
+        self.callback_error = error
+        raise error
 
     def on_message_complete(self) -> None:
         self._disarm()
@@ -241,11 +247,11 @@ class HttpConnection(asyncio.Protocol):
             try:
                 req.body = self._decompress(body, encoding)
             except zlib.error as exc:
-                req.error = HttpError(400, f"cannot decode the body: {exc}")
-            except HttpError as exc:
+                req.error = BadRequest(f"cannot decode the body: {exc}")
+            except ServeError as exc:
                 req.error = exc
         elif encoding not in ("", "identity"):
-            req.error = HttpError(400, f"unsupported Content-Encoding {encoding!r}")
+            req.error = BadRequest(f"unsupported Content-Encoding {encoding!r}")
         self._enqueue(req)
 
     def _enqueue(self, req: Request) -> None:
@@ -262,7 +268,7 @@ class HttpConnection(asyncio.Protocol):
         d = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
         out = d.decompress(body, self.server.max_body + 1)
         if len(out) > self.server.max_body or d.unconsumed_tail:
-            raise HttpError(413, f"decompressed body exceeds client_max_body_size {self.server.max_body}")
+            raise PayloadTooLarge(f"decompressed body exceeds client_max_body_size {self.server.max_body}")
         return out
 
     # -- serving ---------------------------------------------------------------------------------
@@ -290,17 +296,21 @@ class HttpConnection(asyncio.Protocol):
             if req.error is not None:
                 raise req.error
             response = await self.server.handle(req)
-        except HttpError as exc:
-            response = error_response(exc.status, str(exc), model=model)
         except Exception as exc:
-            status = error_code(exc)
-            if status == 500:
-                log.exception("request %s %s failed", req.method, req.path)
-            response = error_response(status, str(exc) or type(exc).__name__, model=model)
+            response = self._error(req, exc, model)
         if model != "-" and req.path.endswith("/infer"):
             outcome = "ok" if response.status == 200 else str(response.status)
             metrics.observe_request(self.server.engine.metric_label(model), "http", outcome, time.perf_counter() - req.started)
         return response
+
+    @staticmethod
+    def _error(req: Request, exc: Exception, model: str) -> Response:
+        """The one place an HTTP request's exception becomes a reply; a 500 is a bug: logged, not shown."""
+        status = status_of(exc)
+        if status == 500:
+            log.error("request %s %s failed", req.method, req.path, exc_info=exc)
+            return error_response(500, "internal server error (logged by the server)", model=model)
+        return error_response(status, str(exc) or type(exc).__name__, model=model)
 
     def _write(self, req: Request, response: Response, close: bool) -> None:
         if self.transport is None or self.transport.is_closing():
@@ -333,12 +343,12 @@ class HttpConnection(asyncio.Protocol):
             f"in={len(req.body)} out={sent} queue_ms={queue_ms} compute_ms={compute_ms} batch={batch} rt_ms={rt:.2f}"
         )
 
-    def _fail(self, status: int, message: str) -> None:
+    def _fail(self, error: ServeError) -> None:
         """The parser cannot go on: answer after what is already queued, then close."""
         self._disarm()
         self.in_message = False
         req = Request("-", self.url.decode("latin-1") or "-", self.headers, b"", False, self.client,
-                      time.perf_counter(), HttpError(status, message))
+                      time.perf_counter(), error)
         self._enqueue(req)
 
     # -- timers and closing ----------------------------------------------------------------------
@@ -359,7 +369,7 @@ class HttpConnection(asyncio.Protocol):
 
     def _body_timeout(self) -> None:
         if self.in_message:
-            self._fail(408, f"request not received within client_body_timeout ({self.server.body_timeout:g}s)")
+            self._fail(ClientTimeout(f"request not received within client_body_timeout ({self.server.body_timeout:g}s)"))
 
     def close_if_idle(self) -> None:
         """Close unless busy; a connection that has not sent its first request yet gets a second to do so."""

@@ -24,14 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from server import __version__
-from server.channel import Channel
-from server.config import Config, ConfigError, listener_keys, load_config, slot_cores, slot_gpu, split_listener_key
+from server.config import Config, ConfigError, listener_keys, load_config, slot_cores, slot_gpu
 from server.logs import EMERG, Logs, log
-
-# Exit status of a worker that cannot load its models: it is not respawned (no restart storm).
-EXIT_FATAL = 2
-INHERIT_ENV = "MODELSRV_INHERIT"  # "kind:host:port=fd;..." passed to a new binary (nginx: NGINX="fd;")
-HEARTBEAT_EVERY = 1.0
+from server.processes import listeners, pidfile
+from server.processes.channel import EXIT_FATAL, HEARTBEAT_EVERY, Channel
+from server.processes.daemon import daemonize
 
 
 @dataclass
@@ -82,27 +79,56 @@ class Master:
     # -- start -----------------------------------------------------------------------------------
     def run(self) -> int:
         cfg = self.cfg
+        running = pidfile.read_pid(cfg.pid)
+        if running is not None and running != os.getpid() and _is_master(running):
+            print(f"modelsrv: [emerg] {cfg.pid} names a running master (pid {running}): not starting a second one",
+                  file=sys.stderr)
+            return 1
         self.logs = Logs(cfg.error_log, cfg.error_log_level, "-", stderr=not cfg.daemon)
         if cfg.daemon:
-            self._daemonize()
+            daemonize()
+            self.logs = Logs(cfg.error_log, cfg.error_log_level, "-", stderr=False)  # stderr is gone: the file only
         self._set_title()
-        self._prepare_metrics_dir()
         try:
-            self._open_listeners(cfg)
+            listeners.open_listeners(cfg, self.listeners)
         except OSError as exc:
             log.log(EMERG, "bind() failed: %s", exc)
             return 1
-        self._write_pid()
+        self._prepare_metrics_dir()
+        pidfile.write_pid(cfg.pid)
         self._install_signals()
         log.info("modelsrv/%s master started, %d worker(s)", __version__, cfg.worker_processes)
-        self.generation = self._new_generation()
-        for slot in range(cfg.worker_processes):
-            self._spawn(slot, self.generation, cfg)
         try:
+            self.generation = self._new_generation()
+            for slot in range(cfg.worker_processes):
+                self._spawn(slot, self.generation, cfg)
             return self.cycle()
+        except Exception:
+            # A bug in the master: say so where operators look (stderr may be /dev/null), and take
+            # the workers down with us rather than leave them serving with nobody to respawn them.
+            log.log(EMERG, "master process failed: terminating the workers", exc_info=True)
+            self._kill_workers()
+            return 1
         finally:
-            self._remove_pid()
+            self._cleanup()
             log.info("exit")
+
+    def _kill_workers(self) -> None:
+        """TERM every worker, wait a little, KILL what is left, reap them all (the master is going away)."""
+        for w in self.workers.values():
+            self._signal(w, signal.SIGTERM)
+        deadline = time.monotonic() + 5.0
+        while self.workers and time.monotonic() < deadline:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid:
+                self.workers.pop(pid, None)
+            else:
+                time.sleep(0.05)
+        for w in self.workers.values():
+            self._signal(w, signal.SIGKILL)
 
     # -- the cycle -------------------------------------------------------------------------------
     def cycle(self) -> int:
@@ -299,7 +325,7 @@ class Master:
                 signal.set_wakeup_fd(-1)
                 os.close(self._wakeup_r)
                 os.close(self._wakeup_w)
-                from server.worker import worker_main
+                from server.processes.worker import worker_main
 
                 listeners = {key: self.listeners[key] for key in listener_keys(cfg)}
                 for key, sock in self.listeners.items():  # another generation's: not ours to keep open
@@ -446,7 +472,7 @@ class Master:
             log.log(EMERG, "%s: reload refused, keeping the running configuration", exc)
             return
         try:
-            self._open_listeners(cfg)
+            listeners.open_listeners(cfg, self.listeners)
         except OSError as exc:
             log.log(EMERG, "bind() failed on reload: %s: keeping the running configuration", exc)
             return
@@ -484,41 +510,8 @@ class Master:
         self._close_unused_listeners()
 
     # -- listening sockets -----------------------------------------------------------------------
-    def _open_listeners(self, cfg: Config) -> None:
-        """Bind what the config asks for (or adopt what a previous binary handed over)."""
-        inherited = self._inherited()
-        for key in listener_keys(cfg):
-            if key in self.listeners:
-                continue
-            if key in inherited:
-                sock = socket.socket(fileno=inherited.pop(key))
-                log.info("using inherited socket %s (fd %d)", key, sock.fileno())
-            else:
-                _, host, port = split_listener_key(key)
-                family = socket.AF_INET6 if ":" in host else socket.AF_INET
-                sock = socket.socket(family, socket.SOCK_STREAM)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind((host, port))
-                sock.listen(1024)
-            # non-blocking, or a worker that loses an accept race stalls its other connections
-            sock.setblocking(False)
-            self.listeners[key] = sock
-        for fd in inherited.values():
-            os.close(fd)
-
-    def _inherited(self) -> dict[str, int]:
-        value = os.environ.pop(INHERIT_ENV, "")
-        result = {}
-        for item in filter(None, value.split(";")):
-            key, _, fd = item.rpartition("=")
-            result[key] = int(fd)
-        return result
-
     def _close_unused_listeners(self) -> None:
-        wanted = set(listener_keys(self.cfg))
-        for key in list(self.listeners):
-            if key not in wanted:
-                self.listeners.pop(key).close()
+        listeners.close_unused(self.cfg, self.listeners)
 
     def _close_listeners(self) -> None:
         for sock in self.listeners.values():
@@ -531,16 +524,20 @@ class Master:
             log.warning("a new binary is already running (pid %d): USR2 ignored", self.new_binary_pid)
             return
         pid_path = self.cfg.pid
-        oldbin = Path(str(pid_path) + ".oldbin")
+        oldbin = pidfile.oldbin(pid_path)
         try:
             os.rename(pid_path, oldbin)
         except OSError as exc:
             log.error("rename() %s to %s failed: %s", pid_path, oldbin, exc)
             return
-        env = dict(os.environ)
-        env[INHERIT_ENV] = ";".join(f"{key}={sock.fileno()}" for key, sock in self.listeners.items())
+        env = {**os.environ, **listeners.inherit_env(self.listeners)}
         fds = [sock.fileno() for sock in self.listeners.values()]
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as exc:  # nginx: the new binary never started, so the pid file is ours again
+            log.error("fork() for the new binary failed: %s", exc)
+            self._rename_oldbin_back()
+            return
         if pid == 0:
             try:
                 for fd in fds:
@@ -558,7 +555,10 @@ class Master:
     def _new_binary_exited(self, status: int) -> None:
         log.warning("new binary process %d %s", self.new_binary_pid, self._describe_status(status))
         self.new_binary_pid = 0
-        oldbin = Path(str(self.cfg.pid) + ".oldbin")
+        self._rename_oldbin_back()
+
+    def _rename_oldbin_back(self) -> None:
+        oldbin = pidfile.oldbin(self.cfg.pid)
         try:
             os.rename(oldbin, self.cfg.pid)
         except OSError as exc:
@@ -599,36 +599,20 @@ class Master:
                 except OSError:
                     pass
 
-    def _write_pid(self) -> None:
-        path = self.cfg.pid
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(f"{os.getpid()}\n")
-        os.replace(tmp, path)
-
-    def _remove_pid(self) -> None:
+    def _cleanup(self) -> None:
         import shutil
 
-        shutil.rmtree(getattr(self, "metrics_dir", ""), ignore_errors=True)
-        for path in (self.cfg.pid, Path(str(self.cfg.pid) + ".oldbin")):
-            try:
-                if path.read_text().strip() == str(os.getpid()):
-                    path.unlink()
-            except OSError:
-                pass
+        if getattr(self, "metrics_dir", None):
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+        pidfile.remove_own(self.cfg.pid, pidfile.oldbin(self.cfg.pid))
 
-    def _daemonize(self) -> None:
-        if os.fork():
-            os._exit(0)
-        os.setsid()
-        if os.fork():
-            os._exit(0)
-        fd = os.open(os.devnull, os.O_RDWR)
-        for target in (0, 1, 2):
-            os.dup2(fd, target)
-        os.close(fd)
-        # stderr is gone: keep logging to the file only
-        self.logs = Logs(self.cfg.error_log, self.cfg.error_log_level, "-", stderr=False)
+
+def _is_master(pid: int) -> bool:
+    """True if ``pid`` is a live modelsrv master (a stale pid file may name a reused pid)."""
+    try:
+        return b"modelsrv: master process" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def run_master(config_path: Path, prefix: Path | None, argv: list[str]) -> int:

@@ -21,10 +21,10 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from models.base import InputError
 from server import metrics, wire
-from server.engine import Engine, error_code
+from server.errors import BadRequest, NotFound, status_of
 from server.logs import access_stamp, log
+from server.serving.engine import Engine
 
 POLLIN = int(zmq.POLLIN)  # a plain int: enum.Flag arithmetic shows up in per-message profiles
 
@@ -132,10 +132,11 @@ class ZmqServer:
             else:
                 reply = wire.reply_ok(request_id, **self._control(op, header), **extra)
         except Exception as exc:
-            code = error_code(exc)
-            if code == 500:
-                log.exception("zmq request failed")
-            reply = wire.reply_error(request_id, code, str(exc) or type(exc).__name__, **extra)
+            code = status_of(exc)
+            if code == 500:  # a bug: logged with its traceback, never shown to the client
+                log.error("zmq request failed", exc_info=exc)
+            message = "internal server error (logged by the server)" if code == 500 else str(exc) or type(exc).__name__
+            reply = wire.reply_error(request_id, code, message, **extra)
             if model != "-":
                 self._log(protocol, model, code, frames, reply, started, None)
         finally:
@@ -155,11 +156,9 @@ class ZmqServer:
         if op == "metadata":
             meta = self.engine.metadata(str(header.get("model")))
             if meta is None:
-                from server.engine import NotFound
-
                 raise NotFound(f"unknown model {header.get('model')!r}")
             return {"metadata": meta}
-        raise InputError(f"unknown op {op!r} (infer, live, ready, models, metadata)")
+        raise BadRequest(f"unknown op {op!r} (infer, live, ready, models, metadata)")
 
     def _log(self, protocol: str, model: str, code: int, frames: list[Any], reply: list[Any], started: float, timing: Any) -> None:
         if protocol == "zmq":

@@ -18,11 +18,10 @@ import sys
 import time
 from typing import Any
 
-from server.channel import Channel
 from server.config import Config, ModelConf, slot_device, slot_threads, split_listener_key
-from server.loadboard import LoadBoard
 from server.logs import Logs, log
-from server.master import EXIT_FATAL, HEARTBEAT_EVERY
+from server.processes.channel import EXIT_FATAL, HEARTBEAT_EVERY, Channel
+from server.serving.loadboard import LoadBoard
 
 
 def worker_main(cfg: Config, slot: int, generation: int, channel: Channel, listeners: dict[str, socket.socket],
@@ -126,10 +125,10 @@ class WorkerProcess:
     async def run(self) -> int:
         import zmq.asyncio
 
-        from server.batcher import Batcher, Device
-        from server.engine import Engine
-        from server.http import HttpServer
-        from server.zmq_front import ZmqServer
+        from server.frontends.http import HttpServer
+        from server.frontends.zeromq import ZmqServer
+        from server.serving.batcher import Batcher, Device
+        from server.serving.engine import Engine
 
         loop = asyncio.get_running_loop()
         for signum, flag in ((signal.SIGQUIT, "quit"), (signal.SIGTERM, "terminate"), (signal.SIGUSR1, "reopen")):
