@@ -291,18 +291,19 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alibi: torch.Tenso
            scale: float) -> torch.Tensor:
     """Attention core shared by the dense (KServe) and the paged (generation) paths.
 
-    q [B, nh, L, hd], k/v [B, nh, K, hd], alibi [B*nh, 1, K] and mask [B, 1, L, K] (additive, 0 or
-    finfo.min) in the model dtype. Returns [B, nh, L, hd]. Same ops as the reference: ALiBi enters
+    q [X, Y, L, hd], k/v [X, Y, K, hd], alibi [X*Y, 1, K] and mask broadcastable to [X, Y, L, K]
+    (additive, 0 or finfo.min) in the model dtype, where (X, Y) is (batch, heads) on the dense path
+    and (heads, batch) on the paged one. Returns [X, Y, L, hd]. Same ops as the reference: ALiBi enters
     through baddbmm's ``input`` (so it is added in the model dtype before the mask), and the
     softmax runs in fp32 then casts back.
     """
-    B, nh, L, hd = q.shape
+    X, Y, L, hd = q.shape
     K = k.shape[2]
-    scores = torch.baddbmm(alibi, q.reshape(B * nh, L, hd), k.reshape(B * nh, K, hd).transpose(1, 2),
-                           beta=1.0, alpha=scale)  # [B*nh, L, K]
-    probs = F.softmax(scores.view(B, nh, L, K) + mask, dim=-1, dtype=torch.float32).to(q.dtype)
-    ctx = torch.bmm(probs.view(B * nh, L, K), v.reshape(B * nh, K, hd))  # [B*nh, L, hd]
-    return ctx.view(B, nh, L, hd)
+    scores = torch.baddbmm(alibi, q.reshape(X * Y, L, hd), k.reshape(X * Y, K, hd).transpose(1, 2),
+                           beta=1.0, alpha=scale)  # [X*Y, L, K]
+    probs = F.softmax(scores.view(X, Y, L, K) + mask, dim=-1, dtype=torch.float32).to(q.dtype)
+    ctx = torch.bmm(probs.view(X * Y, L, K), v.reshape(X * Y, K, hd))  # [X*Y, L, hd]
+    return ctx.view(X, Y, L, hd)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -341,12 +342,15 @@ class SeqStep:
 class KVCache:
     """Preallocated, bounded K/V storage in blocks of ``block_size`` tokens, as vLLM's paged cache.
 
-    One tensor ``kv`` [n_layer, num_blocks, block_size, n_local_heads, 2, head_dim]: a token's keys
-    and values for all local heads sit together, because the per-step work is token-wise: writing a
-    step's new tokens is one ``index_put`` of the rows the fused qkv projection already produced
-    (k and v are adjacent there too), and gathering a sequence's context is one ``index_select`` of
-    rows per layer. Heads are the third dim, so a tensor-parallel rank holds its own heads only.
-    ``key(layer)`` / ``value(layer)`` are [num_blocks, block_size, n_local_heads, head_dim] views.
+    Two tensors, ``k`` and ``v``, each [n_layer, n_local_heads, num_blocks, block_size, head_dim]
+    (``key(layer)`` / ``value(layer)``: [n_local_heads, num_blocks, block_size, head_dim]).
+
+    Why heads first: a step gathers its sequences' blocks with one ``index_select`` on the block
+    dim per layer, and the result [heads, B, blocks * block_size, head_dim] is already the
+    contiguous [heads*B, positions, head_dim] operand of the attention ``bmm``; with tokens first
+    ([num_blocks, block_size, heads, head_dim]) every gathered context needs a second, transposing
+    copy (measured on bloom-560m's shapes, batch 8, 138 positions: 0.8 ms against 2.1 ms per layer).
+    It also makes a tensor-parallel rank's cache simply its own heads.
     """
 
     def __init__(self, n_layer: int, num_blocks: int, block_size: int, n_local_heads: int, head_dim: int,
@@ -355,21 +359,19 @@ class KVCache:
             raise ValueError(f"KVCache: num_blocks and block_size must be >= 1, got {num_blocks}, {block_size}")
         self.num_blocks, self.block_size = num_blocks, block_size
         self.n_layer, self.n_local_heads, self.head_dim = n_layer, n_local_heads, head_dim
-        self.kv = torch.zeros(n_layer, num_blocks, block_size, n_local_heads, 2, head_dim, dtype=dtype, device=device)
+        shape = (n_layer, n_local_heads, num_blocks, block_size, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     def key(self, layer: int) -> torch.Tensor:
-        return self.kv[layer, :, :, :, 0]
+        return self.k[layer]
 
     def value(self, layer: int) -> torch.Tensor:
-        return self.kv[layer, :, :, :, 1]
-
-    def slots(self, layer: int) -> torch.Tensor:
-        """[num_blocks * block_size, n_local_heads, 2, head_dim]: the layer's cache indexed by slot."""
-        return self.kv[layer].view(self.num_blocks * self.block_size, self.n_local_heads, 2, self.head_dim)
+        return self.v[layer]
 
     @property
     def nbytes(self) -> int:
-        return self.kv.numel() * self.kv.element_size()
+        return 2 * self.k.numel() * self.k.element_size()
 
 
 class PagedAttention:
@@ -377,7 +379,10 @@ class PagedAttention:
 
     x is the flat [N, H] of every sequence's new tokens back to back (no padding through the
     projections and the MLP, which are most of the work); only attention pads the queries to
-    [B, L] and the context to [B, K] (L, K the longest new run and context of the call).
+    [B, L] (L: the longest run of new tokens) and reads each sequence's first ``nblk`` blocks
+    (K = nblk * block_size positions, nblk for the longest context); positions past a sequence's
+    end are masked, and so are the padding rows' (garbage, dropped).
+    Attention runs with the batch in (head, sequence) order, the gathered cache's order.
     """
 
     def __init__(self, cache: KVCache, seqs: Sequence[SeqStep], slopes: torch.Tensor, dtype: torch.dtype,
@@ -386,17 +391,15 @@ class PagedAttention:
         B = len(seqs)
         lens = [len(s.new_tokens) for s in seqs]
         cached = [s.num_cached for s in seqs]
-        ctx_lens = [c + n for c, n in zip(cached, lens)]
-        L, K = max(lens), max(ctx_lens)
-        nblk = -(-K // bs)
-        table = torch.zeros(B, nblk, dtype=torch.long)
+        L = max(lens)
+        nblk = max(-(-(c + n) // bs) for c, n in zip(cached, lens))
+        K = nblk * bs
+        table = torch.zeros(B, nblk, dtype=torch.long)  # missing blocks -> block 0, masked
         for b, s in enumerate(seqs):
-            used = -(-ctx_lens[b] // bs)
+            used = -(-(cached[b] + lens[b]) // bs)
             table[b, :used] = torch.tensor(s.block_table[:used], dtype=torch.long)
         lens_t, cached_t = torch.tensor(lens), torch.tensor(cached)
-        # Slots of every context position of every sequence: [B, K] (positions past a sequence's end -> slot of block 0, masked)
-        kpos = torch.arange(K)
-        self.read_slots = (table[:, kpos // bs] * bs + kpos % bs).to(device)
+        self.read_blocks = table.view(-1).to(device)  # [B*nblk]
         # Flat token n belongs to sequence seq[n], at query row i[n] and absolute position cached + i[n]
         seq = torch.repeat_interleave(torch.arange(B), lens_t)  # [N]
         starts = torch.cumsum(lens_t, 0) - lens_t
@@ -408,31 +411,34 @@ class PagedAttention:
         q_index[seq * L + i] = torch.arange(seq.shape[0])
         self.q_index = q_index.to(device)
         self.last = (starts + lens_t - 1).to(device)  # [B] flat index of each sequence's last new token
-        self.B, self.L, self.K = B, L, K
+        self.B, self.L, self.K, self.nblk = B, L, K, nblk
         # ALiBi on the true key positions 0..K-1 (the same for every sequence) and the causal mask:
         # query row i of sequence b (absolute position cached_b + i) sees keys 0..cached_b + i.
         nh = slopes.shape[0]
+        kpos = torch.arange(K)
         alibi = (slopes[:, None] * kpos[None, :]).to(dtype)  # [nh, K]
-        self.alibi = alibi[None].expand(B, nh, K).reshape(B * nh, 1, K).to(device)
+        self.alibi = alibi[:, None].expand(nh, B, K).reshape(nh * B, 1, K).to(device)
         qpos = cached_t[:, None] + torch.arange(L)[None, :]  # [B, L]
         allowed = kpos[None, None, :] <= qpos[:, :, None]  # [B, L, K]
-        mask = torch.zeros(B, 1, L, K, dtype=dtype)
-        mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+        mask = torch.zeros(1, B, L, K, dtype=dtype)  # broadcast over the heads (leading dim)
+        mask.masked_fill_(~allowed[None], torch.finfo(dtype).min)
         self.mask = mask.to(device)
         self.cache = cache
 
     def __call__(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
         """qkv [N, nh, 3, hd] -> context [N, nh*hd]; writes the new K/V into the cache first."""
         N, nh, _, hd = qkv.shape
-        B, L = self.B, self.L
-        slots = self.cache.slots(layer)  # [S, nh, 2, hd]
-        slots[self.write_slots] = qkv[:, :, 1:3]  # one write of k and v together
-        q = qkv[:, :, 0][self.q_index].view(B, L, nh, hd).transpose(1, 2)  # [B, nh, L, hd]
-        kv = slots[self.read_slots]  # [B, K, nh, 2, hd]: one gather per layer
-        k = kv[..., 0, :].transpose(1, 2)  # [B, nh, K, hd]
-        v = kv[..., 1, :].transpose(1, 2)
-        ctx = attend(q, k, v, self.alibi, self.mask, 1.0 / math.sqrt(hd))  # [B, nh, L, hd]
-        ctx = ctx.transpose(1, 2).reshape(B * L, nh * hd)
+        B, L, K = self.B, self.L, self.K
+        kc = self.cache.k[layer]  # [nh, num_blocks, bs, hd]
+        vc = self.cache.v[layer]
+        S = kc.shape[1] * kc.shape[2]
+        kc.view(nh, S, hd)[:, self.write_slots] = qkv[:, :, 1].transpose(0, 1)  # [nh, N, hd] into its slots
+        vc.view(nh, S, hd)[:, self.write_slots] = qkv[:, :, 2].transpose(0, 1)
+        k = kc.index_select(1, self.read_blocks).view(nh, B, K, hd)  # one gather: [nh, B*nblk, bs, hd]
+        v = vc.index_select(1, self.read_blocks).view(nh, B, K, hd)
+        q = qkv[:, :, 0][self.q_index].view(B, L, nh, hd).permute(2, 0, 1, 3)  # [nh, B, L, hd]
+        ctx = attend(q, k, v, self.alibi, self.mask, 1.0 / math.sqrt(hd))  # [nh, B, L, hd]
+        ctx = ctx.permute(1, 2, 0, 3).reshape(B * L, nh * hd)
         return ctx if B * L == N else ctx[self.pad_index]  # [N, nh*hd]
 
 

@@ -276,9 +276,11 @@ def test_step_logits_equal_full_forward_and_kv_layout(model):
     last = model.step(cache, [SeqStep([int(ids[0, 10])], 10, table)])
     torch.testing.assert_close(last[0], full[10], atol=1e-5, rtol=0)
     # position 9 lives in block table[2], offset 1; the untouched blocks stay zero
-    k9 = cache.key(0)[7, 1]
-    assert k9.shape == (model.cfg.n_head, model.cfg.head_dim) and k9.abs().sum() > 0
-    assert cache.key(0)[0].abs().sum() == 0 and cache.value(1)[3].abs().sum() == 0
+    assert cache.key(0).shape == (model.cfg.n_head, 8, 4, model.cfg.head_dim)
+    k9 = cache.key(0)[:, 7, 1]
+    assert k9.abs().sum() > 0 and cache.value(1)[:, 7, 1].abs().sum() > 0
+    assert cache.key(0)[:, 0].abs().sum() == 0 and cache.value(1)[:, 3].abs().sum() == 0
+    assert cache.key(0)[:, 7, 2].abs().sum() > 0 and cache.key(0)[:, 7, 3].abs().sum() == 0  # 10 written, 11 not
     assert model.kv_bytes_per_token() == model.cfg.n_layer * 2 * model.cfg.hidden_size * 4
     assert cache.nbytes == 8 * 4 * model.kv_bytes_per_token()
 
