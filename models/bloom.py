@@ -133,12 +133,14 @@ class BloomConfig:
         return self.hidden_size // self.n_head
 
     @classmethod
-    def from_dict(cls, config: Mapping[str, Any], dtype: str | torch.dtype | None = None) -> BloomConfig:
+    def from_dict(cls, config: Mapping[str, Any], dtype: str | torch.dtype | None = None,
+                  device: torch.device | str = "cpu") -> BloomConfig:
         """Validate a config.json dict. Synonyms (BloomConfig's ``attribute_map`` and the legacy
         ``n_embed``) are accepted; two different values for one field are an error.
 
-        dtype: ``dtype`` argument > config ``dtype`` (the model block's directive; also what
-        transformers 5 writes) > config ``torch_dtype`` > float32.
+        dtype: the ``dtype`` argument, else config ``dtype`` (the model block's directive; also the
+        key transformers 5 writes), else config ``torch_dtype`` on CUDA only: on the CPU the default
+        is float32, because CPU half-precision matmuls are slow (bloom-560m's config says float16).
         """
 
         def pick(name: str, *aliases: str, default: Any = None) -> Any:
@@ -186,7 +188,8 @@ class BloomConfig:
             eos_token_id=token_id("eos_token_id"),
             pad_token_id=token_id("pad_token_id"),
             max_model_len=pos_int("max_model_len", context),
-            dtype=parse_dtype(dtype if dtype is not None else (config.get("dtype") or config.get("torch_dtype"))),
+            dtype=parse_dtype(dtype if dtype is not None else config.get("dtype") or (
+                config.get("torch_dtype") if torch.device(device).type == "cuda" else None)),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -216,7 +219,7 @@ class BloomConfig:
 
 
 def parse_dtype(value: str | torch.dtype | None) -> torch.dtype:
-    """float32 / float16 / bfloat16 (or fp32, fp16, bf16); None and "auto" mean float32 (the CPU default)."""
+    """float32 / float16 / bfloat16 (or fp32, fp16, bf16); None and "auto" mean float32."""
     if isinstance(value, torch.dtype):
         if value not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"bloom: unsupported dtype {value}")
@@ -567,10 +570,10 @@ def hub_state(state: Mapping[str, torch.Tensor], cfg: BloomConfig) -> dict[str, 
 def load_bloom(folder: Path, cfg: BloomConfig, device: torch.device) -> BloomForCausalLM:
     """Build on meta and assign the folder's (memory-mapped) tensors; converts only when the dtype differs."""
     state = hub_state(read_state_dict(folder), cfg)
-    converted: dict[torch.Tensor, torch.Tensor] = {}  # keep a tied head tied through a dtype conversion
+    converted: dict[int, torch.Tensor] = {}  # id -> converted: a tied head stays tied through a dtype change
     for k, v in state.items():
         if v.dtype != cfg.dtype:
-            state[k] = converted.setdefault(v, v.to(cfg.dtype))
+            state[k] = converted.setdefault(id(v), v.to(cfg.dtype))
     net = build_on_meta(lambda: BloomForCausalLM(cfg))
     load_into(net, state, device)
     if cfg.tie_word_embeddings or state["lm_head.weight"] is state["transformer.word_embeddings.weight"]:
@@ -610,7 +613,7 @@ class Bloom(Model):
               dtype: str | torch.dtype | None = None) -> Bloom:
         from models.text import Tokenizer
 
-        cfg = BloomConfig.from_dict(config, dtype)
+        cfg = BloomConfig.from_dict(config, dtype, device)
         net = load_bloom(Path(folder), cfg, torch.device(device))
         tokenizer = Tokenizer.from_folder(folder)
         if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:

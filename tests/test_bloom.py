@@ -13,17 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import transformers  # the reference, in the test extra: a missing one fails, it does not skip
 from safetensors.torch import save_file
+from transformers import BloomConfig as HFConfig
+from transformers import BloomForCausalLM as HFBloom
 
 from models import InputError, load_model
 from models.bloom import Bloom, BloomConfig, SeqStep, alibi_slopes, random_bloom_folder
 from models.convert import main as convert_main
 from models.sampling import SamplingParams, generator_for, sample, top_logprobs
 from models.text import IncrementalDetokenizer, TextStream, Tokenizer, find_stop
-
-transformers = pytest.importorskip("transformers", reason="transformers is the reference (pip install -e '.[test]')")
-from transformers import BloomConfig as HFConfig  # noqa: E402
-from transformers import BloomForCausalLM as HFBloom  # noqa: E402
 
 torch.set_num_threads(1)
 transformers.logging.set_verbosity_error()
@@ -193,6 +192,24 @@ def test_half_precision_matches_transformers_in_that_dtype(tmp_path, dtype):
     assert (got - want).abs()[mask.bool()].max().item() < 1e-2  # same ops in the same dtype: equal or nearly
 
 
+def test_dtype_rules(tmp_path):
+    net = hf_random(4, 32, seed=8).to(torch.float16)
+    net.save_pretrained(tmp_path)  # a half-precision folder, as bloom-560m's
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("dtype", None)
+    config["torch_dtype"] = "float16"
+    assert BloomConfig.from_dict(config).dtype == torch.float32  # CPU default, whatever torch_dtype says
+    assert BloomConfig.from_dict(config, device="cuda").dtype == torch.float16
+    assert BloomConfig.from_dict({**config, "dtype": "bf16"}).dtype == torch.bfloat16  # the directive wins
+    assert BloomConfig.from_dict(config, dtype=torch.float16).dtype == torch.float16
+    with pytest.raises(ValueError, match="dtype"):
+        BloomConfig.from_dict({**config, "dtype": "int8"})
+    m = Bloom.build(tmp_path, config, torch.device("cpu"))  # fp16 file upcast once at load, head still tied
+    assert m.dtype == torch.float32 and m.net.lm_head.weight is m.net.transformer.word_embeddings.weight
+    ids, mask = left_padded(300, [5, 3], seed=3)
+    assert_logits(m, net.float(), ids, mask)
+
+
 # ------------------------------------------------------------------------------------------------
 # paged generation vs transformers' generate
 # ------------------------------------------------------------------------------------------------
@@ -357,8 +374,15 @@ def test_converter_pickles_one_file_and_shards(tmp_path, folder):
     (shards / "pytorch_model.bin.index.json").write_text(
         json.dumps({"weight_map": {k: f for f, ks in half.items() for k in ks}}))
     assert convert_main(["bloom", str(shards), str(tmp_path / "out2"), "--dtype", "bfloat16"]) == 0
-    m2 = load_model(tmp_path / "out2")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "out2" / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+        assert "lm_head.weight" not in f.keys()  # tied: stored once
+    m2 = Bloom.build(tmp_path / "out2", json.loads((tmp_path / "out2" / "config.json").read_text()),
+                     torch.device("cpu"), dtype="bfloat16")
     assert m2.dtype == torch.bfloat16
+    assert_logits(m2, net.to(torch.bfloat16), ids, mask, tol=1e-2)
 
     bad = tmp_path / "bad"
     bad.mkdir()
