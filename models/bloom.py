@@ -35,6 +35,8 @@ Generation API (the contract the scheduler codes against)
     model.vocab_size: int                         # logits width (BLOOM pads it above the tokenizer's)
     model.kv_bytes_per_token() -> int             # bytes of K+V one token takes over all layers
     cache = model.allocate_kv_cache(num_blocks, block_size=16) -> KVCache
+                                                  # cache.key(layer), cache.value(layer):
+                                                  # [n_local_heads, num_blocks, block_size, head_dim]
     logits = model.step(cache, [SeqStep(new_tokens, num_cached, block_table), ...])
                                                   # fp32 [len(seqs), vocab]: each sequence's LAST new token
 
@@ -600,6 +602,7 @@ class Bloom(Model):
         self.vocab_size = cfg.vocab_size
         self.max_model_len = cfg.max_model_len
         self.dtype = cfg.dtype
+        self.slopes_cpu = net.slopes.cpu()  # step builds its index tensors on the CPU, then moves them once
         eos = cfg.eos_token_id if "eos_token_id" in config else None
         self.eos_token_id: int | None = eos if eos is not None else (tokenizer.eos_token_id if tokenizer else cfg.eos_token_id)
         self.inputs = (
@@ -699,7 +702,7 @@ class Bloom(Model):
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= self.vocab_size:
             raise InputError(f"token id {lo if lo < 0 else hi} outside [0, {self.vocab_size})")
-        attn = PagedAttention(cache, seqs, self.net.slopes.cpu(), self.dtype, self.device)
+        attn = PagedAttention(cache, seqs, self.slopes_cpu, self.dtype, self.device)
         tr = self.net.transformer
         x = tr.word_embeddings_layernorm(tr.word_embeddings(ids.to(self.device)))  # [N, H]
         for i, block in enumerate(tr.h):
