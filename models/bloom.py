@@ -383,11 +383,13 @@ class PagedAttention:
     """Keys = a sequence's cached positions plus its new tokens, read from (and written to) a ``KVCache``.
 
     x is the flat [N, H] of every sequence's new tokens back to back (no padding through the
-    projections and the MLP, which are most of the work); only attention pads the queries to
-    [B, L] (L: the longest run of new tokens) and reads each sequence's first ``nblk`` blocks
-    (K = nblk * block_size positions, nblk for the longest context); positions past a sequence's
-    end are masked, and so are the padding rows' (garbage, dropped).
-    Attention runs with the batch in (head, sequence) order, the gathered cache's order.
+    projections and the MLP, which are most of the work). Attention pads: queries to [B, L] (L the
+    longest run of new tokens) and context to the first ``nblk`` blocks of each sequence (K = nblk *
+    block_size positions for the longest context); positions past a sequence's end and padding
+    rows are masked (padding rows compute garbage that is dropped). So that one long prefill does
+    not pad every decode of the call to its length, decodes (one new token) and the rest attend
+    as two separate groups. Attention runs with the batch in (head, sequence) order, the gathered
+    cache's order.
     """
 
     def __init__(self, cache: KVCache, seqs: Sequence[SeqStep], slopes: torch.Tensor, dtype: torch.dtype,
@@ -396,55 +398,91 @@ class PagedAttention:
         B = len(seqs)
         lens = [len(s.new_tokens) for s in seqs]
         cached = [s.num_cached for s in seqs]
-        L = max(lens)
-        nblk = max(-(-(c + n) // bs) for c, n in zip(cached, lens))
-        K = nblk * bs
-        table = torch.zeros(B, nblk, dtype=torch.long)  # missing blocks -> block 0, masked
+        used = [-(-(c + n) // bs) for c, n in zip(cached, lens)]  # blocks each sequence spans
+        table = torch.zeros(B, max(used), dtype=torch.long)
         for b, s in enumerate(seqs):
-            used = -(-(cached[b] + lens[b]) // bs)
-            table[b, :used] = torch.tensor(s.block_table[:used], dtype=torch.long)
-        lens_t, cached_t = torch.tensor(lens), torch.tensor(cached)
-        self.read_blocks = table.view(-1).to(device)  # [B*nblk]
-        # Flat token n belongs to sequence seq[n], at query row i[n] and absolute position cached + i[n]
-        seq = torch.repeat_interleave(torch.arange(B), lens_t)  # [N]
-        starts = torch.cumsum(lens_t, 0) - lens_t
-        i = torch.arange(seq.shape[0]) - starts[seq]
-        pos = cached_t[seq] + i
+            table[b, :used[b]] = torch.tensor(s.block_table[:used[b]], dtype=torch.long)
+        seq, i = _runs(lens)  # flat token n: sequence seq[n], its i[n]-th new token
+        pos = torch.tensor(cached)[seq] + i
         self.write_slots = (table[seq, pos // bs] * bs + pos % bs).to(device)  # [N]
-        self.pad_index = (seq * L + i).to(device)  # flat token -> row of the padded [B*L]
-        q_index = torch.zeros(B * L, dtype=torch.long)  # padded row -> flat token (padding rows read token 0)
-        q_index[seq * L + i] = torch.arange(seq.shape[0])
+        starts = (torch.tensor(lens).cumsum(0) - torch.tensor(lens)).tolist()  # flat index of each first new token
+        self.last = torch.tensor([st + n - 1 for st, n in zip(starts, lens)]).to(device)  # [B]
+        self.N = int(seq.shape[0])
+        decode = [b for b, n in enumerate(lens) if n == 1]
+        other = [b for b, n in enumerate(lens) if n > 1]
+        self.groups = [_Group([seqs[b] for b in g], [starts[b] for b in g], table[g, :max(used[b] for b in g)], bs,
+                              slopes, dtype, device)
+                       for g in (decode, other) if g]
+        self.cache = cache
+
+    def __call__(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
+        """qkv [N, nh, 3, hd] -> context [N, nh*hd]; writes the new K/V into the cache first."""
+        N, nh, _, hd = qkv.shape
+        kc = self.cache.k[layer]  # [nh, num_blocks, bs, hd]
+        vc = self.cache.v[layer]
+        S = kc.shape[1] * kc.shape[2]
+        kc.view(nh, S, hd)[:, self.write_slots] = qkv[:, :, 1].transpose(0, 1)  # [nh, N, hd] into its slots
+        vc.view(nh, S, hd)[:, self.write_slots] = qkv[:, :, 2].transpose(0, 1)
+        q_all = qkv[:, :, 0]  # [N, nh, hd]
+        if len(self.groups) == 1 and self.groups[0].dense:
+            return self.groups[0](q_all, kc, vc)  # every sequence decodes, or all fit [B, L] exactly
+        out = q_all.new_empty(N, nh * hd)
+        for g in self.groups:
+            out[g.out_index] = g(q_all, kc, vc)
+        return out
+
+
+def _runs(lens: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """For runs of ``lens`` items laid back to back: each item's run and its index within the run."""
+    lens_t = torch.tensor(lens)
+    seq = torch.repeat_interleave(torch.arange(len(lens)), lens_t)
+    return seq, torch.arange(seq.shape[0]) - (lens_t.cumsum(0) - lens_t)[seq]
+
+
+class _Group:
+    """Attention inputs for sequences padded together: block gather index, query index, ALiBi, mask."""
+
+    def __init__(self, seqs: Sequence[SeqStep], starts: Sequence[int], table: torch.Tensor, bs: int,
+                 slopes: torch.Tensor, dtype: torch.dtype, device: torch.device) -> None:
+        B, nblk = table.shape  # table [B, nblk]: block ids, 0 past a sequence's end (masked)
+        lens = [len(s.new_tokens) for s in seqs]
+        cached = [s.num_cached for s in seqs]
+        L = max(lens)
+        K = nblk * bs
+        self.read_blocks = table.reshape(-1).to(device)  # [B*nblk]
+        # padded row b*L + i <-> flat token starts[b] + i (padding rows read the group's first token)
+        seq, i = _runs(lens)
+        rows = seq * L + i
+        flat = torch.tensor(starts)[seq] + i
+        q_index = torch.full((B * L,), int(flat[0]), dtype=torch.long)
+        q_index[rows] = flat
         self.q_index = q_index.to(device)
-        self.last = (starts + lens_t - 1).to(device)  # [B] flat index of each sequence's last new token
-        self.B, self.L, self.K, self.nblk = B, L, K, nblk
+        self.rows = rows.to(device)  # the valid rows of the padded output
+        self.out_index = flat.to(device)  # where they go in the flat output
+        self.dense = rows.shape[0] == B * L and bool((flat == torch.arange(B * L)).all())  # padded order == flat
+        self.B, self.L, self.K = B, L, K
         # ALiBi on the true key positions 0..K-1 (the same for every sequence) and the causal mask:
         # query row i of sequence b (absolute position cached_b + i) sees keys 0..cached_b + i.
         nh = slopes.shape[0]
         kpos = torch.arange(K)
         alibi = (slopes[:, None] * kpos[None, :]).to(dtype)  # [nh, K]
         self.alibi = alibi[:, None].expand(nh, B, K).reshape(nh * B, 1, K).to(device)
-        qpos = cached_t[:, None] + torch.arange(L)[None, :]  # [B, L]
+        qpos = torch.tensor(cached)[:, None] + torch.arange(L)[None, :]  # [B, L]
         allowed = kpos[None, None, :] <= qpos[:, :, None]  # [B, L, K]
         mask = torch.zeros(1, B, L, K, dtype=dtype)  # broadcast over the heads (leading dim)
         mask.masked_fill_(~allowed[None], torch.finfo(dtype).min)
         self.mask = mask.to(device)
-        self.cache = cache
 
-    def __call__(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
-        """qkv [N, nh, 3, hd] -> context [N, nh*hd]; writes the new K/V into the cache first."""
-        N, nh, _, hd = qkv.shape
+    def __call__(self, q_all: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:
+        """q_all [N, nh, hd], the layer's cache [nh, num_blocks, bs, hd] -> context of the group's tokens [n, nh*hd]."""
+        _, nh, hd = q_all.shape
         B, L, K = self.B, self.L, self.K
-        kc = self.cache.k[layer]  # [nh, num_blocks, bs, hd]
-        vc = self.cache.v[layer]
-        S = kc.shape[1] * kc.shape[2]
-        kc.view(nh, S, hd)[:, self.write_slots] = qkv[:, :, 1].transpose(0, 1)  # [nh, N, hd] into its slots
-        vc.view(nh, S, hd)[:, self.write_slots] = qkv[:, :, 2].transpose(0, 1)
         k = kc.index_select(1, self.read_blocks).view(nh, B, K, hd)  # one gather: [nh, B*nblk, bs, hd]
         v = vc.index_select(1, self.read_blocks).view(nh, B, K, hd)
-        q = qkv[:, :, 0][self.q_index].view(B, L, nh, hd).permute(2, 0, 1, 3)  # [nh, B, L, hd]
+        q = q_all[self.q_index].view(B, L, nh, hd).permute(2, 0, 1, 3)  # [nh, B, L, hd]
         ctx = attend(q, k, v, self.alibi, self.mask, 1.0 / math.sqrt(hd))  # [nh, B, L, hd]
         ctx = ctx.permute(1, 2, 0, 3).reshape(B * L, nh * hd)
-        return ctx if B * L == N else ctx[self.pad_index]  # [N, nh*hd]
+        return ctx if self.dense else ctx[self.rows]
 
 
 # ------------------------------------------------------------------------------------------------
