@@ -77,8 +77,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import InputError, Model, RequestTensor, TensorSpec, register
-from models.convert import converter
+from models.base import InputError, Model, RequestTensor, TensorSpec
 from models.weights import (
     build_on_meta,
     check_state,
@@ -625,11 +624,18 @@ def load_bloom(folder: Path, cfg: BloomConfig, device: torch.device) -> BloomFor
 # ------------------------------------------------------------------------------------------------
 # Servable model
 # ------------------------------------------------------------------------------------------------
-@register
 class Bloom(Model):
     """BLOOM as KServe ``input_ids`` -> ``logits`` and as the engine of the generation scheduler (``step``)."""
 
     model_type = "bloom"
+
+    @classmethod
+    def convert(cls, src: Path, out: Path, args: argparse.Namespace) -> Path:
+        return convert_bloom(src, out, args)
+
+    @classmethod
+    def add_convert_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        add_arguments(parser)
 
     def __init__(self, folder: Path, config: dict[str, Any], device: torch.device, cfg: BloomConfig,
                  net: BloomForCausalLM, tokenizer: Tokenizer | None) -> None:
@@ -868,7 +874,6 @@ def read_pickled_bloom(src: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     return folder, state
 
 
-@converter("bloom", add_arguments)
 def convert_bloom(src: Path, out: Path, args: argparse.Namespace | None = None) -> Path:
     """transformers ``BloomForCausalLM``/``BloomModel`` pickles -> config.json + model.safetensors (+ tokenizer)."""
     folder, state = read_pickled_bloom(Path(src))

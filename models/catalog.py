@@ -17,6 +17,7 @@ from typing import Any
 # model_type -> "module:Class" implementing it
 MODEL_TYPES: dict[str, str] = {
     "afno": "models.afno:AFNOModel",
+    "bloom": "models.bloom:Bloom",
     "densenet": "models.densenet:DenseNetModel",
     "detr3d": "models.detr3d:Detr3DModel",
     "maskformer": "models.maskformer:MaskFormer",
