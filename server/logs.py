@@ -63,8 +63,8 @@ class ReopenableFileHandler(logging.StreamHandler):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         super().__init__(open(self.path, "a", buffering=1, encoding="utf-8"))
 
-    def reopen(self) -> None:
-        """Open the path anew; if that fails (a directory there, no permission), keep the old file."""
+    def reopen(self) -> bool:
+        """Open the path anew; if that fails (a directory there, no permission), keep the old file (False)."""
         self.acquire()
         try:
             try:
@@ -80,6 +80,7 @@ class ReopenableFileHandler(logging.StreamHandler):
             self.release()
         if failed is not None:
             log.error("reopening %s failed, still writing to the old file: %s", self.path, failed)
+        return failed is None
 
 
 class Logs:
@@ -101,9 +102,12 @@ class Logs:
         self.access = ReopenableFileHandler(access_log) if access_log else None
 
     def reopen(self) -> None:
-        self.error.reopen()
+        """Reopen every log file; "reopened logs" is logged only when all of them were."""
+        ok = self.error.reopen()
         if self.access:
-            self.access.reopen()
+            ok = self.access.reopen() and ok
+        if ok:
+            log.info("reopened logs")
 
     def access_line(self, line: str) -> None:
         if self.access:

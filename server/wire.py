@@ -27,6 +27,7 @@ from server.errors import BadRequest, PayloadTooLarge
 
 VERSION = 1
 COPY_THRESHOLD = 64 * 1024  # frames above this are sent zero-copy
+MAX_DIM = (1 << 31) - 1  # a larger dimension is no tensor anyone can send; numpy refuses some far below 2**63
 
 
 class WireError(BadRequest, ValueError):
@@ -69,8 +70,8 @@ def decode_tensors(descs: Any, frames: Sequence[Any]) -> dict[str, np.ndarray | 
         name, datatype, shape = d["name"], d.get("datatype"), d.get("shape")
         if not isinstance(datatype, str):
             raise WireError(f"tensor {name!r}: 'datatype' must be a string")
-        if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):  # bool is not a size
-            raise WireError(f"tensor {name!r}: 'shape' must be a list of non-negative integers")
+        if not isinstance(shape, list) or not all(type(s) is int and 0 <= s <= MAX_DIM for s in shape):  # bool is not a size
+            raise WireError(f"tensor {name!r}: 'shape' must be a list of integers in [0, {MAX_DIM}]")
         count = math.prod(shape)
         if datatype == "BYTES":
             data = d.get("data")

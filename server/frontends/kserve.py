@@ -10,6 +10,7 @@ followed by the bytes. Replies use the same scheme when the client asks for bina
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,9 @@ from models.spec import KSERVE_TO_NUMPY, NUMPY_TO_KSERVE, InputError
 PROTOCOL_PARAMETERS = {"binary_data_output", "binary_data", "binary_data_size", "classification", "shared_memory_region",
                        "shared_memory_byte_size", "shared_memory_offset", "sequence_id", "sequence_start", "sequence_end",
                        "priority", "timeout", "headers"}
+
+
+MAX_DIM = (1 << 31) - 1  # a larger dimension is no tensor anyone can send; numpy refuses some far below 2**63
 
 
 @dataclass
@@ -60,6 +64,8 @@ def parse_request(body: bytes, header_length: int | None) -> InferRequest:
         doc = json.loads(json_part)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"malformed JSON: {exc}") from None
+    except RecursionError:
+        raise InputError("malformed JSON: nested too deeply") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list):
         raise InputError("the request must be a JSON object with an 'inputs' list")
     params = doc.get("parameters") or {}
@@ -75,9 +81,9 @@ def parse_request(body: bytes, header_length: int | None) -> InferRequest:
             raise InputError(f"input {name!r} given twice")
         if not isinstance(datatype, str):
             raise InputError(f"input {name!r}: 'datatype' must be a string")
-        if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):  # bool is not a size
-            raise InputError(f"input {name!r}: 'shape' must be a list of non-negative integers")
-        count = int(np.prod(shape)) if shape else 1
+        if not isinstance(shape, list) or not all(type(s) is int and 0 <= s <= MAX_DIM for s in shape):  # bool is not a size
+            raise InputError(f"input {name!r}: 'shape' must be a list of integers in [0, {MAX_DIM}]")
+        count = math.prod(shape)  # exact (np.prod wraps around in int64)
         if datatype != "BYTES" and datatype not in KSERVE_TO_NUMPY:
             raise InputError(f"input {name!r}: unknown datatype {datatype!r}")
         iparams = item.get("parameters") or {}
@@ -146,6 +152,15 @@ def _flatten(items: list) -> Any:
             yield x
 
 
+def _json_numbers(arr: np.ndarray) -> list:
+    """Values for a JSON ``data`` list. JSON has no NaN or infinity: those travel as the strings
+    "NaN", "Infinity", "-Infinity", which numpy (and so tritonclient's ``as_numpy``) reads back."""
+    data = arr.ravel().tolist()
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        data = [x if math.isfinite(x) else ("NaN" if x != x else ("Infinity" if x > 0 else "-Infinity")) for x in data]
+    return data
+
+
 def build_response(model: str, version: str, request: InferRequest, outputs: dict[str, Any]) -> tuple[bytes, int | None]:
     """The reply body and, for a binary reply, its JSON header length."""
     names = request.outputs if request.outputs is not None else list(outputs)
@@ -169,7 +184,7 @@ def build_response(model: str, version: str, request: InferRequest, outputs: dic
             if binary:
                 raw = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
             else:
-                data = arr.ravel().tolist()
+                data = _json_numbers(arr)
         desc: dict[str, Any] = {"name": name, "datatype": datatype, "shape": shape}
         if binary:
             desc["parameters"] = {"binary_data_size": len(raw)}
@@ -180,7 +195,7 @@ def build_response(model: str, version: str, request: InferRequest, outputs: dic
     doc: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": descs}
     if request.id is not None:
         doc["id"] = request.id
-    header = json.dumps(doc, separators=(",", ":")).encode()
+    header = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
     if not chunks:
         return header, None
     return header + b"".join(chunks), len(header)

@@ -44,6 +44,7 @@ class ZmqServer:
         self.inflight = 0
         self.last_request = time.monotonic()
         self.draining = False
+        self.drops, self.drop_logged = 0, 0.0
 
     def bind_inherited(self, sock: socket.socket, host: str, port: int) -> None:
         router = self._router()
@@ -62,6 +63,9 @@ class ZmqServer:
     def _router(self) -> zmq.Socket:
         router = self.ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 1000)
+        # a reply to a client whose pipe is full (it sends without reading) fails loudly instead
+        # of being dropped in silence, as a ROUTER does by default
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # libzmq buffers a whole message before we see it: a frame over twice the body limit
         # drops the connection (memory safety); anything up to that gets a clear 413 below
         router.setsockopt(zmq.MAXMSGSIZE, min(2 * self.max_message, (1 << 63) - 1))
@@ -93,8 +97,8 @@ class ZmqServer:
     def _send(self, router: zmq.Socket, frames: list[Any], protocol: str) -> None:
         try:
             router.send_multipart(frames, zmq.NOBLOCK, copy=False)
-        except zmq.ZMQError as exc:  # the client is gone, or its pipe is full: nothing to answer
-            log.info("zmq reply dropped: %s", exc)
+        except zmq.ZMQError as exc:  # the client is gone, or its pipe is full (send high-water mark)
+            self._dropped(exc)
             return
         # a send can consume the FD's edge for messages that arrived meanwhile: look again
         if router.getsockopt(zmq.EVENTS) & POLLIN:
@@ -169,6 +173,15 @@ class ZmqServer:
         q, c, b = (f"{timing.queue_ms:.2f}", f"{timing.compute_ms:.2f}", timing.batch_size) if timing else ("-", "-", "-")
         self.access(f'- [{access_stamp()}] {protocol} "infer {model}" {code} model={model} in={size_in} out={size_out} '
                     f"queue_ms={q} compute_ms={c} batch={b} rt_ms={(time.perf_counter() - started) * 1000:.2f}")
+
+    def _dropped(self, exc: zmq.ZMQError) -> None:
+        """Log dropped replies, at most once a second (a flood of them must not flood the log)."""
+        self.drops += 1
+        now = time.monotonic()
+        if now - self.drop_logged >= 1.0:
+            log.warning("zmq: %d repl%s dropped (client gone or not reading: %s)", self.drops,
+                        "y" if self.drops == 1 else "ies", exc)
+            self.drops, self.drop_logged = 0, now
 
     def idle_for(self) -> float:
         return 0.0 if self.inflight else time.monotonic() - self.last_request

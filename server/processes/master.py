@@ -189,7 +189,6 @@ class Master:
             if self.reopen:
                 self.reopen = False
                 self.logs.reopen()
-                log.info("reopened logs")
                 for w in self.workers.values():
                     w.channel.send({"cmd": "reopen"}) or self._signal(w, signal.SIGUSR1)
 
@@ -572,9 +571,17 @@ class Master:
         setproctitle.setproctitle(f"modelsrv: master process modelsrv {' '.join(args)}")
 
     def _prepare_metrics_dir(self) -> None:
-        """Prometheus multiprocess files live in run/metrics-<master pid>, wiped at start."""
+        """Prometheus multiprocess files live in run/metrics-<master pid>, wiped at start.
+
+        Folders of masters that are gone (killed with -9: nothing removed them) go too; a live
+        master's (the old one during a binary upgrade) stays.
+        """
         import shutil
 
+        for stale in self.cfg.run_dir.glob("metrics-*"):
+            pid = stale.name.removeprefix("metrics-")
+            if pid.isdigit() and not _is_master(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
         path = self.cfg.run_dir / f"metrics-{os.getpid()}"
         shutil.rmtree(path, ignore_errors=True)
         path.mkdir(parents=True, exist_ok=True)

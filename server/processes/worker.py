@@ -205,7 +205,6 @@ class WorkerProcess:
             if self.reopen:
                 self.reopen = False
                 self.logs.reopen()
-                log.info("reopened logs")
             if self.exiting:
                 held = self.engine.outstanding + self.http.busy + self.zmq.inflight
                 if held == 0 and not self.http.connections and self.zmq.idle_for() > 0.5:
