@@ -23,17 +23,17 @@ from models.densenet import (
     random_densenet_folder,
     resized_size,
 )
+from tests.conftest import FIXTURES
 
 torch.set_num_threads(1)
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 TINY_CONFIG = {"growth_rate": 4, "block_config": [1, 2], "num_init_features": 8, "bn_size": 2, "num_classes": 3}
 
 
 def fixture(name: str) -> Path:
     path = FIXTURES / name
     if not (path / "case.json").is_file():
-        pytest.fail(f"fixture {path} is missing (expected ../shared/fixtures/{name} beside the repo)")
+        pytest.fail(f"fixture {path} is missing (tests/fixtures/README.md lists them)")
     return path
 
 
