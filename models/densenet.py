@@ -346,7 +346,7 @@ class DenseNetModel(Model):
         load_into(module, read_state_dict(folder), device, optional=("num_batches_tracked",))
         if any(p.dtype != torch.float32 for p in module.parameters()):
             module = module.float()
-        return cls(Path(folder), cfg.to_json(), device, cfg, module)
+        return cls(Path(folder), config, device, cfg, module)
 
     def prepare(self, inputs: Mapping[str, RequestTensor], parameters: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         self.check_inputs(inputs)

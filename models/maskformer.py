@@ -243,7 +243,10 @@ class MaskFormerConfig:
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> MaskFormerConfig:
         """Read transformers' MaskFormerConfig (as a dict); raise ValueError for what is not supported."""
-        return _read_config(config)
+        try:
+            return _read_config(config)
+        except (ValueError, TypeError, KeyError) as exc:  # a value of the wrong type fails inside int(), len() ...
+            raise ValueError(f"maskformer config: {exc}") from None
 
     def to_json(self) -> dict[str, Any]:
         return {
