@@ -20,14 +20,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO.parent / "shared" / "fixtures"
+FIXTURES = REPO / "tests" / "fixtures"  # reference cases, described in tests/fixtures/README.md
 BIN = REPO / "bin" / "modelsrv"
 
 
 def fixture_path(*parts: str) -> Path:
     path = FIXTURES.joinpath(*parts)
     if not path.exists():
-        pytest.fail(f"reference fixture {path} is missing: tests need ../shared/fixtures beside the repo")
+        pytest.fail(f"reference fixture {path} is missing (tests/fixtures/README.md lists them)")
     return path
 
 
