@@ -120,10 +120,13 @@ class Server:
         self.conf.write_text(text if text is not None else self.conf_text(models))
 
     # -- processes -------------------------------------------------------------------------------
-    def start(self, wait: bool = True) -> Server:
+    def start(self, wait: bool = True, command: list[str] | None = None) -> Server:
+        """Run ``bin/modelsrv -c CONF`` (or ``command``, from the repository root) and wait until it serves."""
         self.stdout = self.prefix / "stdout.log"  # a file, not a pipe: a full pipe would block the master
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
         with open(self.stdout, "ab") as out:
-            self.proc = subprocess.Popen([str(BIN), "-c", str(self.conf)], stdout=out, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(command or [str(BIN), "-c", str(self.conf)], stdout=out, stderr=subprocess.STDOUT,
+                                         cwd=REPO, env=env)
         self.started_pids.add(self.proc.pid)
         if wait:
             self.wait_ready()
