@@ -197,9 +197,13 @@ def load_config(path: str | os.PathLike, prefix: str | os.PathLike | None = None
         )
     except crossplane.errors.NgxParserBaseException as exc:
         raise ConfigError(exc.strerror, exc.filename, exc.lineno) from None
-    if parsed["status"] != "ok":  # pragma: no cover - catch_errors=False raises instead
+    if parsed["status"] != "ok":  # with combine=True, crossplane reports syntax errors here instead of raising
         err = parsed["errors"][0]
-        raise ConfigError(err["error"], err.get("file"), err.get("line"))
+        file, line, message = err.get("file"), err.get("line"), err["error"]
+        if not message:  # the lexer ran out of input inside a quoted string; crossplane says nothing
+            message = "unexpected end of file (an unterminated quote?)"
+            line = line or _last_line(file)
+        raise ConfigError(message.removesuffix(f" in {file}:{line}"), file, line)  # crossplane appends the place
 
     cfg = Config(file=path, prefix=Path(prefix).absolute() if prefix else path.parent.parent)
     cfg.gpus = count_gpus()
@@ -212,6 +216,13 @@ def load_config(path: str | os.PathLike, prefix: str | os.PathLike | None = None
         _apply_main(cfg, d)
     _resolve(cfg, check_models)
     return cfg
+
+
+def _last_line(file: str | None) -> int | None:
+    try:
+        return max(1, len(Path(file).read_text().splitlines())) if file else None
+    except OSError:
+        return None
 
 
 def _apply_main(cfg: Config, d: _Directive) -> None:
