@@ -20,12 +20,13 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
 
 from server.processes import sdnotify
-from tests.conftest import REPO, alive, free_port, http, wait_for
+from tests.conftest import REPO, alive, children, free_port, http, wait_for
 
 DEPLOY = REPO / "deploy"
 
@@ -379,3 +380,153 @@ def test_dashboard_queries_parse(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     r = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+# -- nginx in front of two modelsrv servers --------------------------------------------------------
+
+NGINX = DEPLOY / "nginx"
+
+
+def _nginx_main_conf(prefix: Path, listen: int, upstreams: list[int]) -> Path:
+    """deploy/nginx/modelsrv.conf in a minimal nginx.conf: our ports, files under ``prefix``."""
+    site = (NGINX / "modelsrv.conf").read_text()
+    site, n = re.subn(r"(?m)^(\s*)listen 80;", rf"\g<1>listen 127.0.0.1:{listen};", site)
+    assert n == 1
+    servers = iter(upstreams)
+    site, n = re.subn(r"(?m)^(\s*server )10\.0\.0\.\d+:8080( .*;)$", lambda m: f"{m.group(1)}127.0.0.1:{next(servers)}{m.group(2)}", site)
+    assert n == len(upstreams) == 2, site
+    (prefix / "tmp").mkdir(parents=True, exist_ok=True)
+    (prefix / "modelsrv.conf").write_text(site)
+    main = prefix / "nginx.conf"
+    main.write_text(
+        # as root, nginx's workers would run as nobody, who cannot enter pytest's private tmp dirs
+        ("user root;\n" if os.geteuid() == 0 else "")
+        + f"worker_processes 1;\npid {prefix}/nginx.pid;\nerror_log {prefix}/error.log info;\n"
+        "events { worker_connections 512; }\n"
+        f"http {{\n    access_log {prefix}/access.log;\n    client_body_temp_path {prefix}/tmp/body;\n"
+        f"    proxy_temp_path {prefix}/tmp/proxy;\n    include {prefix}/modelsrv.conf;\n}}\n")
+    return main
+
+
+def test_nginx_conf_follows_modelsrv() -> None:
+    from dataclasses import fields
+
+    from server.config import Config, ModelConf, parse_size, parse_time
+
+    text = (NGINX / "modelsrv.conf").read_text()
+    code = re.sub(r"#[^\n]*", "", text)
+
+    def value(name: str, block: str = code) -> str:
+        (v,) = re.findall(rf"(?m)^\s*{name}\s+([^;]+);", block)
+        return v.strip()
+
+    upstream = re.search(r"upstream modelsrv_http \{(.*?)\n\}", code, re.S).group(1)
+    server = code[code.index("server {"):]
+    streaming = re.search(r"location /v1/ \{(.*?)\}", server, re.S).group(1)
+    defaults = SimpleNamespace(**{f.name: f.default for f in fields(Config)})
+    model = SimpleNamespace(**{f.name: f.default for f in fields(ModelConf)})
+    assert parse_size(value("client_max_body_size", server)) == defaults.client_max_body_size
+    assert parse_time(value("client_body_timeout", server)) == defaults.client_body_timeout
+    assert parse_time(value("keepalive_timeout", upstream)) < defaults.keepalive_timeout  # nginx lets go first
+    assert parse_time(re.search(r"(?m)^    proxy_read_timeout\s+(\S+);", server).group(1)) > model.request_timeout
+    assert "least_conn" in upstream and re.search(r"keepalive \d+;", upstream)
+    assert value("proxy_http_version", server) == "1.1" and 'proxy_set_header Connection ""' in server
+    retry = value("proxy_next_upstream", server).split()
+    assert {"error", "timeout", "http_503", "non_idempotent"} <= set(retry)
+    assert int(value("proxy_next_upstream_tries", server)) >= 2
+    assert "proxy_buffering off;" in streaming and "proxy_pass http://modelsrv_http;" in streaming
+
+
+def test_nginx_stream_conf_parses(tmp_path: Path) -> None:
+    nginx = need("nginx", "nginx-light")
+    module = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
+    if not module.exists():
+        pytest.skip(f"{module} missing: apt-get install -y libnginx-mod-stream")
+    stream = (NGINX / "modelsrv-stream.conf").read_text().replace("listen 5555;", f"listen 127.0.0.1:{free_port()};")
+    (tmp_path / "stream.conf").write_text(stream)
+    main = tmp_path / "nginx.conf"
+    main.write_text(f"load_module {module};\npid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\n"
+                    f"events {{}}\ninclude {tmp_path}/stream.conf;\n")
+    r = subprocess.run([nginx, "-t", "-p", str(tmp_path), "-e", str(tmp_path / "error.log"), "-c", str(main)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+
+
+class Nginx:
+    """An nginx of our own: foreground master (``daemon off``) in a tmp prefix, stopped by its pid."""
+
+    def __init__(self, prefix: Path, upstreams: list[int]) -> None:
+        self.binary = need("nginx", "nginx-light")
+        self.prefix, self.port = prefix, free_port()
+        self.conf = _nginx_main_conf(prefix, self.port, upstreams)
+        self.proc: subprocess.Popen | None = None
+
+    def args(self) -> list[str]:
+        return [self.binary, "-p", str(self.prefix), "-e", str(self.prefix / "error.log"), "-c", str(self.conf)]
+
+    def start(self) -> Nginx:
+        r = subprocess.run([*self.args(), "-t"], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        with open(self.prefix / "stdout.log", "ab") as out:
+            self.proc = subprocess.Popen([*self.args(), "-g", "daemon off;"], stdout=out, stderr=subprocess.STDOUT)
+        def answers() -> bool:
+            try:
+                return self.proc.poll() is not None or http("GET", f"{self.url}/healthz", timeout=5)[0] == 200
+            except OSError:  # not listening yet
+                return False
+
+        wait_for(answers, 30, what="nginx to answer")
+        assert self.proc.poll() is None, (self.prefix / "error.log").read_text()
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        workers = children(self.proc.pid)
+        self.proc.send_signal(signal.SIGQUIT)  # graceful, to our master only; it stops its workers
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            for pid in [self.proc.pid, *workers]:
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+            self.proc.wait(5)
+
+
+def test_nginx_in_front_loses_no_request_on_hup_and_quit(make_server, tmp_path: Path) -> None:
+    from tests.conftest import Load
+
+    a, b = make_server(workers=1), make_server(workers=1)
+    a.start(wait=False)
+    b.start(wait=False)
+    a.wait_ready(90)
+    b.wait_ready(90)
+    nginx = Nginx(tmp_path / "nginx", [a.http_port, b.http_port]).start()
+    try:
+        with Load(SimpleNamespace(http_port=nginx.port), "tiny", "http", threads=4, limit=1500) as load:
+            wait_for(lambda: load.ok >= 20, 60, what="requests through nginx")
+            # HUP: a new generation on a, then its old worker retires with its keep-alive connections
+            a.write_conf(models={**a.models, "tiny2": dict(a.models["tiny"])})
+            a.signal(signal.SIGHUP)
+            wait_for(lambda: "generation 2 ready" in a.log_text(), 60, what="a's reload")
+            wait_for(lambda: "worker process" in a.log_text().split("generation 2 ready", 1)[1]
+                     and " exited with code 0" in a.log_text().split("generation 2 ready", 1)[1], 30,
+                     what="a's old worker to retire")
+            at_hup = load.ok
+            wait_for(lambda: load.ok >= at_hup + 20, 60, what="requests after the reload")
+            # QUIT: a stops accepting at once, answers what it holds and exits
+            a.signal(signal.SIGQUIT)
+            assert a.wait_exit(60) == 0
+            at_quit = load.ok
+            wait_for(lambda: load.ok >= at_quit + 20, 60, what="requests after a's exit (all on b)")
+        assert load.failures == [], load.failures[:5]
+    finally:
+        nginx.stop()
+    a_lines = a.access_log.read_text().count("\n")
+    b_lines = b.access_log.read_text().count("\n")
+    assert a_lines > 0 and b_lines > 0, (a_lines, b_lines)  # both servers took part
+    assert load.ok >= 60 and a_lines + b_lines >= load.ok
