@@ -17,7 +17,6 @@ import socket
 import struct
 import subprocess
 import tempfile
-import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -452,6 +451,12 @@ def test_nginx_stream_conf_parses(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
 
 
+def _busy(server) -> bool:
+    """A request is in a batcher of ``server`` now (modelsrv_inflight_requests, read from /metrics)."""
+    _, _, body = http("GET", server.url + "/metrics", timeout=5)
+    return any(float(v) > 0 for v in re.findall(rb"(?m)^modelsrv_inflight_requests\{[^}]*\} (\S+)", body))
+
+
 class Nginx:
     """An nginx of our own: foreground master (``daemon off``) in a tmp prefix, stopped by its pid."""
 
@@ -509,6 +514,14 @@ def test_nginx_in_front_loses_no_request_on_hup_and_quit(make_server, tmp_path: 
     try:
         with Load(SimpleNamespace(http_port=nginx.port), "tiny", "http", threads=4, limit=1500) as load:
             wait_for(lambda: load.ok >= 20, 60, what="requests through nginx")
+            # a worker of a dies (kill -9) with requests in flight: nginx sends them again to b,
+            # which only "non_idempotent" allows for a POST (the case it is there for)
+            (victim,) = a.worker_pids()
+            wait_for(lambda: _busy(a), 30, interval=0.01, what="a request in flight on a")
+            os.kill(victim, signal.SIGKILL)
+            wait_for(lambda: a.ready_count() >= 2, 60, what="a's worker respawned")
+            at_kill = load.ok
+            wait_for(lambda: load.ok >= at_kill + 20, 60, what="requests after the respawn")
             # HUP: a new generation on a, then its old worker retires with its keep-alive connections
             a.write_conf(models={**a.models, "tiny2": dict(a.models["tiny"])})
             a.signal(signal.SIGHUP)
