@@ -26,7 +26,7 @@ from pathlib import Path
 from server import __version__
 from server.config import Config, ConfigError, listener_keys, load_config, slot_cores, slot_gpu
 from server.logs import EMERG, Logs, log
-from server.processes import listeners, pidfile
+from server.processes import listeners, pidfile, sdnotify
 from server.processes.channel import EXIT_FATAL, HEARTBEAT_EVERY, Channel
 from server.processes.daemon import daemonize
 
@@ -75,6 +75,7 @@ class Master:
         self.reopen = self.change_binary = self.noaccept = self.restart = False
         self.logs: Logs | None = None
         self.selector = selectors.DefaultSelector()
+        self.sd = sdnotify.ServiceNotifier()  # systemd readiness (NOTIFY_SOCKET); a no-op without it
 
     # -- start -----------------------------------------------------------------------------------
     def run(self) -> int:
@@ -133,6 +134,7 @@ class Master:
     # -- the cycle -------------------------------------------------------------------------------
     def cycle(self) -> int:
         while True:
+            self.sd.update(self)  # tell systemd what changed in the last turn (READY, STOPPING, ...)
             self._wait(self._next_timeout())
             code = self.step(time.monotonic())
             if code is not None:
@@ -185,6 +187,7 @@ class Master:
         if self.reconfigure and self.pending_generation is None:
             self.reconfigure = False
             log.info("reconfiguring")
+            self.sd.reloading(self)  # RELOADING=1 before the new config is read; READY=1 when it is over
             self._reconfigure()
 
         if self.restart:  # after noaccept, a HUP brings workers back (rollback of an upgrade)
