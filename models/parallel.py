@@ -58,6 +58,8 @@ from models.weights import build_on_meta, load_into, weight_files
 
 __all__ = [
     "DistParallel",
+    "GroupBroken",
+    "SamplePlan",
     "TensorParallelBloom",
     "VocabParallelEmbedding",
     "candidates",
@@ -67,6 +69,7 @@ __all__ = [
     "load_bloom_shard",
     "sample_parallel",
     "shard_spec",
+    "step_sample",
 ]
 
 log = logging.getLogger("modelsrv.tp")
@@ -326,7 +329,7 @@ def sample_parallel(local: torch.Tensor, params: Sequence[SamplingParams], previ
 # ------------------------------------------------------------------------------------------------
 # Lockstep: rank 0's proxy and the followers' loop
 # ------------------------------------------------------------------------------------------------
-OP_STOP, OP_FORWARD, OP_ALLOC, OP_STEP, OP_FREE = range(5)
+OP_STOP, OP_FORWARD, OP_ALLOC, OP_STEP, OP_NOOP = range(5)
 MODE_LOGITS, MODE_SAMPLE = 0, 1
 HEADER = 4  # [op, payload length, a, b]
 
@@ -376,6 +379,8 @@ class TensorParallelBloom:
         self.broken: str | None = None
         self.lo, _ = parallel.vocab_range(model.vocab_size)
         self.stats = {"steps": 0, "broadcast_s": 0.0}
+        self.last_send = time.monotonic()
+        self.keepalive: threading.Thread | None = None
 
     def __getattr__(self, name: str) -> Any:  # model_type, inputs, outputs, tokenizer, vocab_size, ...
         return getattr(self.model, name)
@@ -397,6 +402,27 @@ class TensorParallelBloom:
         except Exception as exc:
             self._break(exc)
         self.stats["broadcast_s"] += time.perf_counter() - started
+        self.last_send = time.monotonic()
+
+    def start_keepalive(self, interval: float) -> None:
+        """Ping the followers when idle for ``interval`` s: an idle follower waits in a broadcast, and
+        every collective has a timeout (``init_group``); a dead follower is also noticed sooner."""
+
+        def run() -> None:
+            while not self.broken:
+                time.sleep(min(interval, max(0.05, self.last_send + interval - time.monotonic())))
+                if time.monotonic() - self.last_send < interval:
+                    continue
+                with self.lock:
+                    if self.broken or time.monotonic() - self.last_send < interval:
+                        continue
+                    try:
+                        self._send(OP_NOOP, [])
+                    except GroupBroken:
+                        return
+
+        self.keepalive = threading.Thread(target=run, name="tp-keepalive", daemon=True)
+        self.keepalive.start()
 
     def _break(self, exc: BaseException) -> None:
         self.broken = f"{type(exc).__name__}: {exc}"
@@ -527,6 +553,8 @@ def follow(model: Bloom, parallel: DistParallel, alive: threading.Event | None =
         v = body[1 + nfree:]
         if op == OP_STOP:
             return
+        if op == OP_NOOP:
+            continue
         if op == OP_FORWARD:
             ids = torch.tensor(v[:a * b], dtype=torch.long).view(a, b)
             mask = torch.tensor(v[a * b:], dtype=torch.long).view(a, b)
