@@ -48,6 +48,9 @@ class ModelConf:
     tensor_parallel: int = 1  # > 1: groups of that many slots each hold one sharded copy (rank 0 serves)
     tensor_parallel_port: int | None = None  # first rendezvous port to try; None = a free one
     workers: list[int] | None = None  # slots hosting the model; None = every worker
+    kv_cache_tokens: int | None = None  # generation (BLOOM): KV pool in tokens ...
+    kv_cache_size: int | None = None  # ... or in bytes; neither: 512m
+    max_num_seqs: int = 32  # generation: sequences in the running batch
 
     def slots(self, worker_processes: int) -> list[int]:
         return list(range(worker_processes)) if self.workers is None else list(self.workers)
@@ -374,6 +377,14 @@ def _apply_model(cfg: Config, d: _Directive) -> None:
             if port > 65535:
                 raise inner.error(f'invalid port "{port}" in "tensor_parallel_port" directive')
             model.tensor_parallel_port = port
+        elif inner.name == "kv_cache_tokens":
+            model.kv_cache_tokens = inner.positive_int()
+        elif inner.name == "kv_cache_size":
+            model.kv_cache_size = inner.convert(parse_size)
+            if model.kv_cache_size < 1:
+                raise inner.error('"kv_cache_size" must be greater than 0')
+        elif inner.name == "max_num_seqs":
+            model.max_num_seqs = inner.positive_int()
         elif inner.name == "workers":
             if not inner.args or not all(a.isdigit() for a in inner.args):
                 raise inner.error('"workers" takes worker numbers (0, 1, ...)')
@@ -382,8 +393,15 @@ def _apply_model(cfg: Config, d: _Directive) -> None:
             raise inner.error(f'unknown directive "{inner.name}"')
     if not has_path:
         raise d.error(f'model "{name}" has no "path"')
+    if "kv_cache_tokens" in seen and "kv_cache_size" in seen:
+        raise d.error(f'model "{name}": give "kv_cache_tokens" or "kv_cache_size", not both')
+    model._generation = sorted(seen & GENERATION_DIRECTIVES)  # type: ignore[attr-defined]
     model._where = (d.file, d.line)  # type: ignore[attr-defined]
     cfg.models[name] = model
+
+
+GENERATION_DIRECTIVES = {"kv_cache_tokens", "kv_cache_size", "max_num_seqs"}
+GENERATIVE_TYPES = {"bloom"}
 
 
 def _resolve(cfg: Config, check_models: bool) -> None:
@@ -420,6 +438,10 @@ def _resolve(cfg: Config, check_models: bool) -> None:
                 model.model_type = check_model_folder(model.path)
             except ValueError as exc:
                 raise ConfigError(f'model "{model.name}": {exc}', file, line) from None
+            extra = model._generation  # type: ignore[attr-defined]
+            if extra and model.model_type not in GENERATIVE_TYPES:
+                raise ConfigError(f'model "{model.name}": "{extra[0]}" applies to text generation models '
+                                  f'({", ".join(sorted(GENERATIVE_TYPES))}), not {model.model_type}', file, line)
         if model.tensor_parallel > 1:
             _check_tensor_parallel(cfg, model, check_models, file, line)
     taken: dict[int, str] = {}
