@@ -85,7 +85,41 @@ def script(model) -> dict:
     return out
 
 
-def rank_main(rank: int, port: int, folder: str, results) -> None:
+GEN_REQUESTS = [
+    {"prompt": "Once upon a time", "max_tokens": 16, "temperature": 0, "logprobs": 2},
+    {"prompt": "The quick brown fox jumps over the lazy dog.", "max_tokens": 12, "temperature": 1.5, "top_k": 8,
+     "seed": 5, "logprobs": True},
+    {"prompt": "你好", "max_tokens": 20, "temperature": 0, "stop": ["zz"]},
+    {"prompt": [5, 6, 7, 8, 9], "max_tokens": 10, "temperature": 2.0, "seed": 9},  # full-distribution sampling: gathered
+]
+
+
+def gen_script(model) -> dict:
+    """The generation engine (continuous batching, streamed chunks) over ``model``, four requests at once."""
+    import asyncio
+
+    from server.config import ModelConf
+    from server.serving.batcher import Device
+    from server.serving.generation import GenerationEngine
+
+    async def main():
+        e = GenerationEngine("m", model, ModelConf(name="m", path=Path("."), kv_cache_tokens=512, max_num_seqs=4), Device())
+        e.start()
+        try:
+            streams = [e.submit(r) for r in GEN_REQUESTS]
+
+            async def collect(stream):
+                return [c async for c in stream]
+
+            return await asyncio.gather(*(collect(st) for st in streams))
+        finally:
+            e.stop()
+
+    chunks = asyncio.run(asyncio.wait_for(main(), 60))
+    return {"chunks": chunks}
+
+
+def rank_main(rank: int, port: int, folder: str, results, which: str = "script") -> None:
     try:
         torch.set_num_threads(1)
         from models.bloom import Bloom
@@ -101,7 +135,7 @@ def rank_main(rank: int, port: int, folder: str, results) -> None:
         if rank == 0:
             tp = TensorParallelBloom(model, p)
             tp.warmup()
-            out = script(tp)
+            out = (script if which == "script" else gen_script)(tp)
             out["bytes"] = nbytes
             out["stats"] = dict(tp.stats)
             tp.close()
@@ -114,11 +148,11 @@ def rank_main(rank: int, port: int, folder: str, results) -> None:
         results.put((rank, {"error": traceback.format_exc()}))
 
 
-def run_group(folder: Path) -> dict[int, dict]:
+def run_group(folder: Path, which: str = "script") -> dict[int, dict]:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=rank_main, args=(r, port, str(folder), results), daemon=True) for r in range(2)]
+    procs = [ctx.Process(target=rank_main, args=(r, port, str(folder), results, which), daemon=True) for r in range(2)]
     for pr in procs:
         pr.start()
     got: dict[int, dict] = {}
@@ -182,3 +216,21 @@ def test_shard_layout_and_refusals(tmp_path):
     assert shard_spec("transformer.h.0.input_layernorm.weight", cfg, p) is None
     with pytest.raises(ValueError, match="n_head 6 is not divisible"):
         shard_spec("transformer.h.0.mlp.dense_4h_to_h.weight", cfg, Parallel(size=4, rank=0))
+
+
+def test_streamed_generation_k2_equals_k1(tmp_path):
+    """The generation engine's streamed chunks (text, ids, log-probabilities, finish) are the same on k=2."""
+    folder = random_bloom_folder(tmp_path / "m", {"tie_word_embeddings": False}, seed=0)  # untied head: sharded too
+    want = gen_script(load_model(folder))["chunks"]
+    got = run_group(folder, "gen")[0]["chunks"]
+    assert len(got) == len(want) == len(GEN_REQUESTS)
+    for g, w in zip(got, want):
+        assert "".join(c["text"] for c in g) == "".join(c["text"] for c in w)
+        assert [t for c in g for t in c["token_ids"]] == [t for c in w for t in c["token_ids"]]
+        assert g[-1]["finish_reason"] == w[-1]["finish_reason"]
+        for cg, cw in zip(g, w):
+            if "logprobs" in cw:
+                assert cg["logprobs"] == pytest.approx(cw["logprobs"], abs=1e-4)
+            if "top_logprobs" in cw:
+                assert [[t for t, _ in row] for row in cg["top_logprobs"]] == [[t for t, _ in row] for row in cw["top_logprobs"]]
+    assert len({t for w in want for c in w for t in c["token_ids"]}) > 10
