@@ -29,6 +29,7 @@ from server.logs import EMERG, Logs, log
 from server.processes import listeners, pidfile
 from server.processes.channel import EXIT_FATAL, HEARTBEAT_EVERY, Channel
 from server.processes.daemon import daemonize
+from server.processes.tpgroups import TensorParallelGroups
 
 
 @dataclass
@@ -49,9 +50,10 @@ class Worker:
     load: str = ""
     models: list[str] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
+    tp: str = ""  # the tensor-parallel group it is a member of ("model/index"), if any
 
 
-class Master:
+class Master(TensorParallelGroups):
     def __init__(self, config_path: Path, prefix: Path | None, cfg: Config, argv: list[str]) -> None:
         self.config_path = config_path
         self.prefix = prefix
@@ -75,6 +77,7 @@ class Master:
         self.reopen = self.change_binary = self.noaccept = self.restart = False
         self.logs: Logs | None = None
         self.selector = selectors.DefaultSelector()
+        self._tp_setup()
 
     # -- start -----------------------------------------------------------------------------------
     def run(self) -> int:
@@ -205,6 +208,7 @@ class Master:
                 self._quit_workers(list(self.workers.values()))
 
             self._check_pending_generation()
+            self._tp_check(now)
             self._respawn_due(now)
             self._check_heartbeats(now)
             self._kill_overdue(now)
@@ -305,6 +309,12 @@ class Master:
         return self.generations
 
     def _spawn(self, slot: int, generation: int, cfg: Config) -> Worker | None:
+        try:
+            tp = self._tp_spawn_info(slot, generation, cfg)
+        except OSError as exc:
+            log.error("worker #%d: no rendezvous socket for its tensor-parallel group: %s", slot, exc)
+            self.respawn_at[(slot, generation)] = time.monotonic() + 1.0
+            return None
         parent_end, child_end = Channel.pair()
         try:
             pid = os.fork()
@@ -330,7 +340,9 @@ class Master:
                 for key, sock in self.listeners.items():  # another generation's: not ours to keep open
                     if key not in listeners:
                         sock.close()
-                code = worker_main(cfg, slot, generation, child_end, listeners, slot_gpu(cfg, slot), slot_cores(cfg, slot))
+                self._tp_child_fds(tp)
+                code = worker_main(cfg, slot, generation, child_end, listeners, slot_gpu(cfg, slot), slot_cores(cfg, slot),
+                                   tp)
             except BaseException:  # noqa: B036 - the child must never return into the master's loop
                 import traceback
 
@@ -339,7 +351,8 @@ class Master:
                 os._exit(code)
         child_end.close()
         now = time.monotonic()
-        w = Worker(slot=slot, generation=generation, pid=pid, channel=parent_end, started=now, last_heartbeat=now)
+        w = Worker(slot=slot, generation=generation, pid=pid, channel=parent_end, started=now, last_heartbeat=now,
+                   tp=tp["key"] if tp else "")
         self.workers[pid] = w
         self.selector.register(parent_end, selectors.EVENT_READ, w)
         gpu = slot_gpu(cfg, slot)
@@ -378,7 +391,11 @@ class Master:
                     log.error("new workers failed to load: reload aborted, the old configuration keeps serving")
                     self._abort_pending_generation()
                     continue
-            if expected or not w.respawn or self.terminate or self.quit or self.noaccepting:
+            stopping = self.terminate or self.quit or self.noaccepting
+            if (not expected and not stopping and w.generation in (self.generation, self.pending_generation)
+                    and self._tp_member_exited(w, fatal)):
+                continue  # its group goes down and comes back as one (server/processes/tpgroups.py)
+            if expected or not w.respawn or stopping:
                 if fatal:
                     log.error("worker #%d is not respawned: it cannot load its models (see above)", w.slot)
                 continue
@@ -611,6 +628,7 @@ class Master:
 
         if getattr(self, "metrics_dir", None):
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
+        self._tp_close_all()
         pidfile.remove_own(self.cfg.pid, pidfile.oldbin(self.cfg.pid))
 
 
