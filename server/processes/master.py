@@ -435,7 +435,7 @@ class Master(TensorParallelGroups):
         """True when no worker is alive or on its way back: the server would serve nothing forever."""
         if self.terminate or self.quit or self.noaccepting:
             return False
-        return not self.workers and not self.respawn_at
+        return not self.workers and not self.respawn_at and not self.tp_restarting
 
     def _quit_workers(self, workers: list[Worker]) -> None:
         deadline = time.monotonic() + self.cfg.worker_shutdown_timeout + 5.0
