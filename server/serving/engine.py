@@ -177,14 +177,23 @@ class Engine:
         return outputs, timing
 
     async def _on_peers(self, hosts: list[Peer], name: str, inputs, parameters):
-        """Forward to the least busy host; if it cannot take it, try the next one."""
+        """Forward to the least busy host; if it cannot take it, try the next one.
+
+        The next one is chosen from the peer table as it is then: a host that left with our request
+        (a reload retiring it) has usually been replaced by a new generation's by the time we learn.
+        """
         last: BaseException = PeerUnavailable(f"no worker hosting {name!r} is reachable")
-        for peer in sorted(hosts, key=lambda p: p.outstanding):
+        tried: set[str] = set()
+        while True:
+            left = [p for p in self.peers.values() if name in p.models and p.key not in tried] if tried else hosts
+            if not left:
+                raise last
+            peer = min(left, key=lambda p: p.outstanding)
+            tried.add(peer.key)
             try:
                 return await self._call_peer(peer, name, inputs, parameters)
             except PeerUnavailable as exc:
                 last = exc
-        raise last
 
     async def _call_peer(self, peer: Peer, name: str, inputs, parameters) -> tuple[dict[str, Any], Timing]:
         if peer.socket is None:
