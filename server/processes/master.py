@@ -293,12 +293,16 @@ class Master(TensorParallelGroups):
             w.respawn = False
 
     def _broadcast_peers(self) -> None:
-        """Tell every worker which ready workers host which models, for forwarding (nginx passes channels)."""
+        """Tell every worker which ready workers host which models, for forwarding (nginx passes channels).
+
+        Draining workers stay listed (``accepting: false``) until they exit: a request already
+        forwarded to one is answered by it (a tensor-parallel rank 0 draining on QUIT, say), not failed.
+        """
         peers = [
             {"slot": w.slot, "generation": w.generation, "pid": w.pid, "ipc": w.ipc, "load": w.load, "models": w.models,
-             "meta": w.meta}
+             "meta": w.meta, "accepting": w.state == "ready"}
             for w in self.workers.values()
-            if w.state == "ready" and w.ipc
+            if w.state in ("ready", "exiting") and w.ipc
         ]
         for w in self.workers.values():  # exiting ones too: they may still wait on a peer
             w.channel.send({"cmd": "peers", "peers": peers})

@@ -39,6 +39,7 @@ class Peer:
     socket: zmq.asyncio.Socket | None = None
     outstanding: int = 0
     waiting: dict[int, asyncio.Future] = field(default_factory=dict)
+    accepting: bool = True  # False: draining (it answers what it holds, takes nothing new)
     reader: asyncio.Task | None = None
 
 
@@ -67,6 +68,11 @@ class Engine:
             else:
                 self.peers[key] = Peer(key, p["ipc"], set(p["models"]), p.get("meta", {}),
                                        PeerLoad(p["load"], p["models"]) if p.get("load") else None)
+            self.peers[key].accepting = p.get("accepting", True)
+
+    def hosts(self, name: str) -> list[Peer]:
+        """Peers that take new requests for ``name`` (a draining peer still answers what it holds)."""
+        return [p for p in self.peers.values() if p.accepting and name in p.models]
 
     def _drop_peer(self, peer: Peer, exc: BaseException) -> None:
         for fut in peer.waiting.values():
@@ -109,7 +115,7 @@ class Engine:
     async def infer(self, name: str, inputs: Mapping[str, RequestTensor], parameters: Mapping[str, Any],
                     forwarded: bool = False) -> tuple[dict[str, np.ndarray | list[bytes]], Timing]:
         batcher = self.batchers.get(name)
-        hosts = [p for p in self.peers.values() if name in p.models]
+        hosts = self.hosts(name)
         if batcher is None and (forwarded or not hosts):
             raise NotFound(f"unknown model {name!r}" + ("" if forwarded else f"; known: {', '.join(self.known_models())}"))
         size = request_size(inputs)
@@ -185,7 +191,7 @@ class Engine:
         last: BaseException = PeerUnavailable(f"no worker hosting {name!r} is reachable")
         tried: set[str] = set()
         while True:
-            left = [p for p in self.peers.values() if name in p.models and p.key not in tried] if tried else hosts
+            left = [p for p in self.hosts(name) if p.key not in tried] if tried else hosts
             if not left:
                 raise last
             peer = min(left, key=lambda p: p.outstanding)
