@@ -53,12 +53,14 @@ Errors: ``InputError`` for a token id outside the vocabulary or a context longer
 ``max_model_len`` (a client's prompt); ``ValueError`` for a malformed call (empty ``new_tokens``, a
 block table too short or naming a block outside the cache) — a scheduler bug.
 
-Tensor parallelism (not built yet, planned Megatron-style): every module takes a ``Parallel``; the
-attention holds ``n_head // tp_size`` heads (``query_key_value`` split by head rows, ``dense`` by
-columns), the MLP a ``1/tp_size`` slice of the 4h features (``dense_h_to_4h`` by rows,
-``dense_4h_to_h`` by columns); the two row-parallel outputs go through ``Parallel.all_reduce`` before
-their bias is added; the embedding and the tied ``lm_head`` would be vocab-parallel
-(``Parallel.vocab_range``). With ``Parallel()`` (size 1) every seam is the identity.
+Tensor parallelism (Megatron-style; the group, collectives, sharded loading and the lockstep
+proxy live in ``models.parallel``): every module takes a ``Parallel``; the attention holds
+``n_head // tp_size`` heads (``query_key_value`` split by head rows, ``dense`` by columns), the MLP a
+``1/tp_size`` slice of the 4h features (``dense_h_to_4h`` by rows, ``dense_4h_to_h`` by columns); the
+two row-parallel outputs go through ``Parallel.all_reduce`` before their bias is added; the embedding
+and the tied ``lm_head`` are vocab-parallel (``Parallel.vocab_range``): ``step_local`` returns this
+rank's vocabulary slice of the logits, ``step`` and ``forward`` gather them. With ``Parallel()``
+(size 1) every seam is the identity.
 """
 
 from __future__ import annotations
@@ -237,7 +239,7 @@ def parse_dtype(value: str | torch.dtype | None) -> torch.dtype:
 # ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Parallel:
-    """Where a tensor-parallel BLOOM would talk to its peers; size 1 (the only one built now) is the identity.
+    """Where a tensor-parallel BLOOM talks to its peers; size 1 is the identity (``models.parallel.DistParallel``: k > 1).
 
     Megatron layout: column-parallel ``query_key_value``/``dense_h_to_4h`` (rows = heads / features
     split, no communication), row-parallel ``dense``/``dense_4h_to_h`` (columns split, partial sums
@@ -250,13 +252,13 @@ class Parallel:
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum ``t`` over the ranks (in place where possible) and return it."""
         if self.size != 1:
-            raise NotImplementedError("tensor parallelism is not built yet")
+            raise NotImplementedError("a Parallel of size > 1 is models.parallel.DistParallel")
         return t
 
     def all_gather_last(self, t: torch.Tensor) -> torch.Tensor:
         """Concatenate the ranks' ``t`` along the last dim (vocab-parallel logits)."""
         if self.size != 1:
-            raise NotImplementedError("tensor parallelism is not built yet")
+            raise NotImplementedError("a Parallel of size > 1 is models.parallel.DistParallel")
         return t
 
     def split(self, n: int, what: str) -> int:
@@ -264,6 +266,17 @@ class Parallel:
         if n % self.size:
             raise ValueError(f"bloom: {what} {n} is not divisible by the tensor-parallel size {self.size}")
         return n // self.size
+
+    def vocab_range(self, vocab_size: int) -> tuple[int, int]:
+        """[lo, hi): the vocabulary rows of the embedding and ``lm_head`` this rank holds."""
+        n = self.split(vocab_size, "vocab_size")
+        return self.rank * n, (self.rank + 1) * n
+
+    def embedding(self, vocab_size: int, hidden_size: int) -> nn.Module:
+        """The word embeddings: a plain ``nn.Embedding`` at size 1, vocab-parallel above."""
+        if self.size != 1:
+            raise NotImplementedError("a Parallel of size > 1 is models.parallel.DistParallel")
+        return nn.Embedding(vocab_size, hidden_size)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -566,9 +579,7 @@ class BloomModel(nn.Module):
 
     def __init__(self, cfg: BloomConfig, parallel: Parallel) -> None:
         super().__init__()
-        if parallel.size != 1:  # vocab-parallel lookup: mask ids outside the rank's range, all-reduce
-            raise NotImplementedError("tensor parallelism is not built yet")
-        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.word_embeddings = parallel.embedding(cfg.vocab_size, cfg.hidden_size)  # vocab-parallel when size > 1
         self.word_embeddings_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_epsilon)
         self.h = nn.ModuleList(BloomBlock(cfg, parallel) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_epsilon)
@@ -588,7 +599,7 @@ class BloomForCausalLM(nn.Module):
         self.cfg = cfg
         self.parallel = parallel or Parallel()
         self.transformer = BloomModel(cfg, self.parallel)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, self.parallel.split(cfg.vocab_size, "vocab_size"), bias=False)
         # A plain attribute, not a buffer: the module is built on meta and buffers would need a state entry.
         n_local = self.parallel.split(cfg.n_head, "n_head")
         self.slopes = alibi_slopes(cfg.n_head)[self.parallel.rank * n_local:(self.parallel.rank + 1) * n_local]
@@ -623,8 +634,15 @@ def hub_state(state: Mapping[str, torch.Tensor], cfg: BloomConfig) -> dict[str, 
     return out
 
 
-def load_bloom(folder: Path, cfg: BloomConfig, device: torch.device) -> BloomForCausalLM:
-    """Build on meta and assign the folder's (memory-mapped) tensors; converts only when the dtype differs."""
+def load_bloom(folder: Path, cfg: BloomConfig, device: torch.device, parallel: Parallel | None = None) -> BloomForCausalLM:
+    """Build on meta and assign the folder's (memory-mapped) tensors; converts only when the dtype differs.
+
+    With a ``parallel`` of size > 1, each tensor is read as this rank's slice only (``models.parallel``).
+    """
+    if parallel is not None and parallel.size > 1:
+        from models.parallel import load_bloom_shard
+
+        return load_bloom_shard(folder, cfg, device, parallel)
     state = hub_state(read_state_dict(folder), cfg)
     converted: dict[int, torch.Tensor] = {}  # id -> converted: a tied head stays tied through a dtype change
     for k, v in state.items():
@@ -674,11 +692,12 @@ class Bloom(Model):
 
     @classmethod
     def build(cls, folder: Path, config: dict[str, Any], device: torch.device,
-              dtype: str | torch.dtype | None = None) -> Bloom:
+              dtype: str | torch.dtype | None = None, parallel: Parallel | None = None) -> Bloom:
+        """``parallel``: this rank's place in a tensor-parallel group (``models.parallel``); None = whole model."""
         from models.text import Tokenizer
 
         cfg = BloomConfig.from_dict(config, dtype, device)
-        net = load_bloom(Path(folder), cfg, torch.device(device))
+        net = load_bloom(Path(folder), cfg, torch.device(device), parallel)
         tokenizer = Tokenizer.from_folder(folder)
         if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
             raise ValueError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens, the model only {cfg.vocab_size}")
@@ -758,6 +777,11 @@ class Bloom(Model):
     @torch.inference_mode()
     def step(self, cache: KVCache, seqs: list[SeqStep]) -> torch.Tensor:
         """Run new tokens of several sequences in one forward; return fp32 logits [len(seqs), vocab] of each sequence's LAST new token."""
+        return self.net.parallel.all_gather_last(self.step_local(cache, seqs))
+
+    @torch.inference_mode()
+    def step_local(self, cache: KVCache, seqs: list[SeqStep]) -> torch.Tensor:
+        """``step`` without the gather: fp32 logits of this rank's vocabulary slice [len(seqs), vocab / tp_size]."""
         self.check_step(cache, seqs)
         ids = torch.tensor([t for s in seqs for t in s.new_tokens], dtype=torch.long)  # [N]
         lo, hi = int(ids.min()), int(ids.max())
@@ -769,7 +793,7 @@ class Bloom(Model):
         for i, block in enumerate(tr.h):
             x = block(x, i, attn)
         h = tr.ln_f(x[attn.last])  # [B, H]: only the last new token of each sequence needs logits
-        return self.net.logits(h).float()  # [B, vocab]
+        return self.net.lm_head(h).float()  # [B, vocab / tp_size]
 
 
 # ------------------------------------------------------------------------------------------------

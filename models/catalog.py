@@ -33,6 +33,23 @@ def model_class(model_type: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
+# model types that can be sharded with ``tensor_parallel k`` (models.parallel)
+TENSOR_PARALLEL_TYPES = ("bloom",)
+
+
+def tensor_parallel_sizes(folder: Path) -> tuple[int, int]:
+    """(attention heads, vocabulary rows) of a model folder that supports tensor parallelism (no torch)."""
+    config = json.loads((Path(folder) / "config.json").read_text())
+    model_type = config.get("model_type")
+    if model_type not in TENSOR_PARALLEL_TYPES:
+        raise ValueError(f"model_type {model_type!r} does not support tensor_parallel (only {', '.join(TENSOR_PARALLEL_TYPES)})")
+    heads = config.get("n_head", config.get("num_attention_heads"))
+    vocab = config.get("vocab_size")
+    if not isinstance(heads, int) or not isinstance(vocab, int) or heads < 1 or vocab < 1:
+        raise ValueError(f"{folder}/config.json: n_head and vocab_size must be positive integers")
+    return heads, vocab
+
+
 def known_model_types() -> list[str]:
     return sorted(MODEL_TYPES)
 

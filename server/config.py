@@ -45,11 +45,33 @@ class ModelConf:
     batch_timeout: float = 0.002  # seconds a partial batch may wait while the device is busy
     max_queue_size: int = 256  # requests waiting per worker; beyond that: 503 / overload
     request_timeout: float = 60.0
-    tensor_parallel: int = 1
+    tensor_parallel: int = 1  # > 1: groups of that many slots each hold one sharded copy (rank 0 serves)
+    tensor_parallel_port: int | None = None  # first rendezvous port to try; None = a free one
     workers: list[int] | None = None  # slots hosting the model; None = every worker
     kv_cache_tokens: int | None = None  # generation (BLOOM): KV pool in tokens ...
     kv_cache_size: int | None = None  # ... or in bytes; neither: 512m
     max_num_seqs: int = 32  # generation: sequences in the running batch
+
+    def slots(self, worker_processes: int) -> list[int]:
+        return list(range(worker_processes)) if self.workers is None else list(self.workers)
+
+
+@dataclass(frozen=True)
+class TPGroup:
+    """One tensor-parallel group: ``slots[r]`` runs rank r of ``model`` (rank 0 serves it)."""
+
+    model: str
+    index: int  # the model's group number (several groups = replicas)
+    slots: tuple[int, ...]
+    port_base: int | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.model}/{self.index}"
+
+    @property
+    def size(self) -> int:
+        return len(self.slots)
 
 
 @dataclass
@@ -77,6 +99,24 @@ class Config:
 
     def models_on(self, slot: int) -> list[ModelConf]:
         return [m for m in self.models.values() if m.workers is None or slot in m.workers]
+
+    def tp_groups(self) -> list[TPGroup]:
+        """The tensor-parallel groups: each model's slots cut into runs of ``tensor_parallel``."""
+        groups = []
+        for m in self.models.values():
+            if m.tensor_parallel > 1:
+                slots = m.slots(self.worker_processes)
+                k = m.tensor_parallel
+                groups += [TPGroup(m.name, i // k, tuple(slots[i:i + k]), m.tensor_parallel_port)
+                           for i in range(0, len(slots), k)]
+        return groups
+
+    def tp_of(self, slot: int) -> tuple[TPGroup, int] | None:
+        """(group, rank) of the tensor-parallel group ``slot`` belongs to, or None."""
+        for g in self.tp_groups():
+            if slot in g.slots:
+                return g, g.slots.index(slot)
+        return None
 
 
 NO_LIMIT = 1 << 62
@@ -343,8 +383,11 @@ def _apply_model(cfg: Config, d: _Directive) -> None:
             model.request_timeout = inner.positive_time()
         elif inner.name == "tensor_parallel":
             model.tensor_parallel = inner.positive_int()
-            if model.tensor_parallel != 1:
-                raise inner.error("tensor_parallel > 1 is not supported by any model type served yet")
+        elif inner.name == "tensor_parallel_port":
+            port = inner.positive_int()
+            if port > 65535:
+                raise inner.error(f'invalid port "{port}" in "tensor_parallel_port" directive')
+            model.tensor_parallel_port = port
         elif inner.name == "kv_cache_tokens":
             model.kv_cache_tokens = inner.positive_int()
         elif inner.name == "kv_cache_size":
@@ -410,6 +453,36 @@ def _resolve(cfg: Config, check_models: bool) -> None:
             if extra and model.model_type not in GENERATIVE_TYPES:
                 raise ConfigError(f'model "{model.name}": "{extra[0]}" applies to text generation models '
                                   f'({", ".join(sorted(GENERATIVE_TYPES))}), not {model.model_type}', file, line)
+        if model.tensor_parallel > 1:
+            _check_tensor_parallel(cfg, model, check_models, file, line)
+    taken: dict[int, str] = {}
+    for g in cfg.tp_groups():
+        for slot in g.slots:
+            if slot in taken:
+                raise ConfigError(f'worker {slot} is in two tensor-parallel groups ("{taken[slot]}" and "{g.model}")', cfg.file)
+            taken[slot] = g.model
+
+
+def _check_tensor_parallel(cfg: Config, model: ModelConf, check_models: bool, file: str, line: int) -> None:
+    """k must divide the model's worker count and its head count (read from config.json, no torch)."""
+    k = model.tensor_parallel
+    n = len(model.slots(cfg.worker_processes))
+    if n % k:
+        raise ConfigError(f'model "{model.name}": tensor_parallel {k} does not divide its {n} worker(s)', file, line)
+    if model.device.startswith("cuda:") and len(model.device[5:].split(",")) < k:
+        raise ConfigError(f'model "{model.name}": tensor_parallel {k} needs {k} GPUs, device {model.device} names fewer', file, line)
+    if not check_models:
+        return
+    from models.catalog import tensor_parallel_sizes
+
+    try:
+        heads, vocab = tensor_parallel_sizes(model.path)
+    except ValueError as exc:
+        raise ConfigError(f'model "{model.name}": {exc}', file, line) from None
+    if heads % k:
+        raise ConfigError(f'model "{model.name}": tensor_parallel {k} does not divide its {heads} attention heads', file, line)
+    if vocab % k:
+        raise ConfigError(f'model "{model.name}": tensor_parallel {k} does not divide its vocabulary of {vocab}', file, line)
 
 
 def listener_keys(cfg: Config) -> list[str]:

@@ -29,6 +29,7 @@ from server.logs import EMERG, Logs, log
 from server.processes import listeners, pidfile, sdnotify
 from server.processes.channel import EXIT_FATAL, HEARTBEAT_EVERY, Channel
 from server.processes.daemon import daemonize
+from server.processes.tpgroups import TensorParallelGroups
 
 
 @dataclass
@@ -49,9 +50,10 @@ class Worker:
     load: str = ""
     models: list[str] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
+    tp: str = ""  # the tensor-parallel group it is a member of ("model/index"), if any
 
 
-class Master:
+class Master(TensorParallelGroups):
     def __init__(self, config_path: Path, prefix: Path | None, cfg: Config, argv: list[str]) -> None:
         self.config_path = config_path
         self.prefix = prefix
@@ -76,6 +78,7 @@ class Master:
         self.logs: Logs | None = None
         self.selector = selectors.DefaultSelector()
         self.sd = sdnotify.ServiceNotifier()  # systemd readiness (NOTIFY_SOCKET); a no-op without it
+        self._tp_setup()
 
     # -- start -----------------------------------------------------------------------------------
     def run(self) -> int:
@@ -216,6 +219,7 @@ class Master:
             self._quit_workers(list(self.workers.values()))
 
         self._check_pending_generation()
+        self._tp_check(now)
         self._respawn_due(now)
         self._check_heartbeats(now)
         self._kill_overdue(now)
@@ -301,12 +305,16 @@ class Master:
             w.respawn = False
 
     def _broadcast_peers(self) -> None:
-        """Tell every worker which ready workers host which models, for forwarding (nginx passes channels)."""
+        """Tell every worker which ready workers host which models, for forwarding (nginx passes channels).
+
+        Draining workers stay listed (``accepting: false``) until they exit: a request already
+        forwarded to one is answered by it (a tensor-parallel rank 0 draining on QUIT, say), not failed.
+        """
         peers = [
             {"slot": w.slot, "generation": w.generation, "pid": w.pid, "ipc": w.ipc, "load": w.load, "models": w.models,
-             "meta": w.meta}
+             "meta": w.meta, "accepting": w.state == "ready"}
             for w in self.workers.values()
-            if w.state == "ready" and w.ipc
+            if w.state in ("ready", "exiting") and w.ipc
         ]
         for w in self.workers.values():  # exiting ones too: they may still wait on a peer
             w.channel.send({"cmd": "peers", "peers": peers})
@@ -317,6 +325,12 @@ class Master:
         return self.generations
 
     def _spawn(self, slot: int, generation: int, cfg: Config) -> Worker | None:
+        try:
+            tp = self._tp_spawn_info(slot, generation, cfg)
+        except OSError as exc:
+            log.error("worker #%d: no rendezvous socket for its tensor-parallel group: %s", slot, exc)
+            self.respawn_at[(slot, generation)] = time.monotonic() + 1.0
+            return None
         parent_end, child_end = Channel.pair()
         try:
             pid = os.fork()
@@ -342,7 +356,9 @@ class Master:
                 for key, sock in self.listeners.items():  # another generation's: not ours to keep open
                     if key not in listeners:
                         sock.close()
-                code = worker_main(cfg, slot, generation, child_end, listeners, slot_gpu(cfg, slot), slot_cores(cfg, slot))
+                self._tp_child_fds(tp)
+                code = worker_main(cfg, slot, generation, child_end, listeners, slot_gpu(cfg, slot), slot_cores(cfg, slot),
+                                   tp)
             except BaseException:  # noqa: B036 - the child must never return into the master's loop
                 import traceback
 
@@ -351,7 +367,8 @@ class Master:
                 os._exit(code)
         child_end.close()
         now = time.monotonic()
-        w = Worker(slot=slot, generation=generation, pid=pid, channel=parent_end, started=now, last_heartbeat=now)
+        w = Worker(slot=slot, generation=generation, pid=pid, channel=parent_end, started=now, last_heartbeat=now,
+                   tp=tp["key"] if tp else "")
         self.workers[pid] = w
         self.selector.register(parent_end, selectors.EVENT_READ, w)
         gpu = slot_gpu(cfg, slot)
@@ -394,7 +411,11 @@ class Master:
                 log.error("new workers failed to load: reload aborted, the old configuration keeps serving")
                 self._abort_pending_generation()
                 return
-        if expected or not w.respawn or self.terminate or self.quit or self.noaccepting:
+        stopping = self.terminate or self.quit or self.noaccepting
+        if (not expected and not stopping and w.generation in (self.generation, self.pending_generation)
+                and self._tp_member_exited(w, fatal)):
+            return  # its group goes down and comes back as one (server/processes/tpgroups.py)
+        if expected or not w.respawn or stopping:
             if fatal:
                 log.error("worker #%d is not respawned: it cannot load its models (see above)", w.slot)
             return
@@ -434,7 +455,7 @@ class Master:
         """True when no worker is alive or on its way back: the server would serve nothing forever."""
         if self.terminate or self.quit or self.noaccepting:
             return False
-        return not self.workers and not self.respawn_at
+        return not self.workers and not self.respawn_at and not self.tp_restarting
 
     def _quit_workers(self, workers: list[Worker]) -> None:
         deadline = time.monotonic() + self.cfg.worker_shutdown_timeout + 5.0
@@ -631,6 +652,7 @@ class Master:
 
         if getattr(self, "metrics_dir", None):
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
+        self._tp_close_all()
         pidfile.remove_own(self.cfg.pid, pidfile.oldbin(self.cfg.pid))
 
 

@@ -25,11 +25,13 @@ from server.serving.loadboard import LoadBoard
 
 
 def worker_main(cfg: Config, slot: int, generation: int, channel: Channel, listeners: dict[str, socket.socket],
-                gpu: int | None, cores: list[int] | None) -> int:
+                gpu: int | None, cores: list[int] | None, tp: dict[str, Any] | None = None) -> int:
+    """``tp``: this slot's tensor-parallel group as the master set it up (model, rank, size, slots, port, fd)."""
     device_label = f"cuda:{gpu}" if gpu is not None else "cpu"
     import setproctitle
 
-    setproctitle.setproctitle(f"modelsrv: worker process #{slot} ({device_label})")
+    group = f" tp {tp['model']} rank {tp['rank']}/{tp['size']}" if tp else ""
+    setproctitle.setproctitle(f"modelsrv: worker process #{slot} ({device_label}){group}")
     for signum in (signal.SIGCHLD, signal.SIGHUP, signal.SIGUSR2, signal.SIGWINCH):
         signal.signal(signum, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C reaches the master, which tells us
@@ -54,8 +56,9 @@ def worker_main(cfg: Config, slot: int, generation: int, channel: Channel, liste
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
 
+    followers: dict[str, Any] = {}
     try:
-        loaded = _load_models(cfg, slot)
+        loaded = _load_models(cfg, slot, tp, followers)
     except Exception as exc:
         log.error("cannot load models: %s", exc)
         channel.send({"event": "load_failed", "error": str(exc)})
@@ -63,11 +66,14 @@ def worker_main(cfg: Config, slot: int, generation: int, channel: Channel, liste
 
     import uvloop
 
-    w = WorkerProcess(cfg, slot, generation, channel, listeners, loaded, logs, cores, device_label)
+    w = WorkerProcess(cfg, slot, generation, channel, listeners, loaded, logs, cores, device_label, tp, followers)
     return uvloop.run(w.run())
 
 
-def _load_models(cfg: Config, slot: int) -> dict[str, tuple[ModelConf, Any, float]]:
+def _load_models(cfg: Config, slot: int, tp: dict[str, Any] | None = None,
+                 followers: dict[str, Any] | None = None) -> dict[str, tuple[ModelConf, Any, float]]:
+    """This slot's models, loaded and warmed up; a tensor-parallel model is loaded as this rank's shard
+    (rank 0: served here; another rank: a follower thread in ``followers``, not served here)."""
     from models.base import load_model
     from server.metrics import LOAD_SECONDS
 
@@ -75,8 +81,17 @@ def _load_models(cfg: Config, slot: int) -> dict[str, tuple[ModelConf, Any, floa
     for mc in cfg.models_on(slot):
         started = time.perf_counter()
         try:
-            model = load_model(mc.path, slot_device(cfg, mc, slot))
-            model.warmup()
+            if tp and mc.name == tp["model"]:
+                from server.serving.tensor_parallel import load_sharded
+
+                model, follower = load_sharded(mc, slot_device(cfg, mc, slot), tp)
+                if follower is not None:
+                    followers[mc.name] = follower
+                    log.info('model "%s" rank %d/%d shard loaded: following rank 0', mc.name, tp["rank"], tp["size"])
+                    continue
+            else:
+                model = load_model(mc.path, slot_device(cfg, mc, slot))
+                model.warmup()
         except Exception as exc:
             raise RuntimeError(f'model "{mc.name}" ({mc.path}): {exc}') from exc
         seconds = time.perf_counter() - started
@@ -86,9 +101,9 @@ def _load_models(cfg: Config, slot: int) -> dict[str, tuple[ModelConf, Any, floa
     return loaded
 
 
-def model_metadata(name: str, mc: ModelConf, model: Any) -> dict[str, Any]:
-    """KServe model metadata, with the Triton-style config under "config"."""
-    return {
+def model_metadata(name: str, mc: ModelConf, model: Any, tp: dict[str, Any] | None = None) -> dict[str, Any]:
+    """KServe model metadata, with the Triton-style config under "config" (and its tensor-parallel group)."""
+    meta = {
         "name": name,
         "versions": ["1"],
         "platform": f"modelsrv_{model.model_type}",
@@ -105,14 +120,22 @@ def model_metadata(name: str, mc: ModelConf, model: Any) -> dict[str, Any]:
                                  "default_queue_policy": {"max_queue_size": mc.max_queue_size}},
         },
     }
+    if tp and tp["model"] == name:
+        from server.serving.tensor_parallel import tp_metadata
+
+        meta["config"]["tensor_parallel"] = tp_metadata(mc, tp)
+    return meta
 
 
 class WorkerProcess:
     def __init__(self, cfg: Config, slot: int, generation: int, channel: Channel, listeners: dict[str, socket.socket],
-                 loaded: dict[str, tuple[ModelConf, Any, float]], logs: Logs, cores: list[int] | None, device: str) -> None:
+                 loaded: dict[str, tuple[ModelConf, Any, float]], logs: Logs, cores: list[int] | None, device: str,
+                 tp: dict[str, Any] | None = None, followers: dict[str, Any] | None = None) -> None:
         self.cfg, self.slot, self.generation = cfg, slot, generation
         self.channel, self.listeners, self.loaded, self.logs = channel, listeners, loaded, logs
         self.cores, self.device = cores, device
+        self.tp, self.followers = tp, followers or {}
+        self.failed = False  # a tensor-parallel group this worker belongs to broke: exit 1, the master restarts it
         # the flags of ngx_worker_process_cycle
         self.terminate = self.quit = self.exiting = self.reopen = False
         self.wake = asyncio.Event()
@@ -134,13 +157,17 @@ class WorkerProcess:
         for signum, flag in ((signal.SIGQUIT, "quit"), (signal.SIGTERM, "terminate"), (signal.SIGUSR1, "reopen")):
             loop.add_signal_handler(signum, self._flag, flag)
         loop.add_reader(self.channel.fileno(), self._on_channel)
+        for f in self.followers.values():
+            f.on_done = lambda: loop.call_soon_threadsafe(self.wake.set)
+            if f.done.is_set():
+                self.wake.set()
 
         device = Device()
         models = {name: model for name, (_, model, _) in self.loaded.items()}
         self.board = LoadBoard(self.cfg.run_dir / f"worker-{os.getpid()}.load", sorted(models))
         me = f"{self.generation}:{self.slot}"
         batchers = {name: Batcher(name, model, mc, device, self.board, me) for name, (mc, model, _) in self.loaded.items()}
-        meta = {name: model_metadata(name, mc, model) for name, (mc, model, _) in self.loaded.items()}
+        meta = {name: model_metadata(name, mc, model, self.tp) for name, (mc, model, _) in self.loaded.items()}
         from server.config import GENERATIVE_TYPES
         from server.serving.generation import GenerationEngine
 
@@ -177,6 +204,7 @@ class WorkerProcess:
         heartbeat.cancel()
         for g in generators.values():
             g.stop()
+        self._close_groups()
         WORKERS_READY.dec()
         self.zmq.close()
         self.engine.close()
@@ -203,6 +231,8 @@ class WorkerProcess:
             if self.terminate:
                 log.info("exiting (terminate)")
                 return 0
+            if self._group_failed():
+                return 1
             if self.quit and not self.exiting:
                 self.exiting = True
                 self.ready = False
@@ -217,12 +247,33 @@ class WorkerProcess:
                 self.logs.reopen()
             if self.exiting:
                 held = self.engine.outstanding + self.http.busy + self.zmq.inflight
-                if held == 0 and not self.http.connections and self.zmq.idle_for() > 0.5:
+                following = [f.name for f in self.followers.values() if not f.done.is_set()]
+                if held == 0 and not self.http.connections and self.zmq.idle_for() > 0.5 and not following:
                     return 0
                 if time.monotonic() > deadline:
                     log.warning("worker_shutdown_timeout: exiting with %d request(s) held", held)
                     return 0
                 self.http.drain()
+
+    def _group_failed(self) -> bool:
+        """A tensor-parallel group this worker is in cannot serve any more (see server/serving/tensor_parallel.py)."""
+        for f in self.followers.values():
+            if f.done.is_set() and (f.error or not self.exiting):
+                log.error('tensor-parallel model "%s": the group ended (%s): exiting so that the master restarts it',
+                          f.name, f.error or "rank 0 left")
+                return True
+        for name, (_, model, _) in self.loaded.items():
+            broken = getattr(model, "broken", None)
+            if broken and broken != "closed":
+                log.error('tensor-parallel model "%s": %s: exiting so that the master restarts the group', name, broken)
+                return True
+        return False
+
+    def _close_groups(self) -> None:
+        """Rank 0 tells its followers the group is over (after the drain: nothing in flight needs them)."""
+        for _, model, _ in self.loaded.values():
+            if hasattr(model, "start_keepalive"):
+                model.close()
 
     def _stop_accepting(self) -> None:
         """Close our copies of the HTTP listening sockets, first taking every connection already queued.
@@ -264,5 +315,9 @@ class WorkerProcess:
     async def _heartbeat(self) -> None:
         """Proof of a live event loop: a wedged loop sends nothing and the master kills it."""
         while True:
-            self.channel.send({"event": "heartbeat", "outstanding": self.engine.outstanding})
+            wedged = [f.name for f in self.followers.values() if f.busy_for() > self.cfg.worker_timeout]
+            if not wedged:  # a follower stuck in one step is a wedged rank: no heartbeat, the master restarts the group
+                self.channel.send({"event": "heartbeat", "outstanding": self.engine.outstanding})
+            if self._group_failed():
+                self.wake.set()
             await asyncio.sleep(HEARTBEAT_EVERY)

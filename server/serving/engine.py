@@ -39,6 +39,7 @@ class Peer:
     socket: zmq.asyncio.Socket | None = None
     outstanding: int = 0
     waiting: dict[int, asyncio.Future | asyncio.Queue] = field(default_factory=dict)  # Queue: a generation stream
+    accepting: bool = True  # False: draining (it answers what it holds, takes nothing new)
     reader: asyncio.Task | None = None
 
 
@@ -124,6 +125,11 @@ class Engine:
             else:
                 self.peers[key] = Peer(key, p["ipc"], set(p["models"]), p.get("meta", {}),
                                        PeerLoad(p["load"], p["models"]) if p.get("load") else None)
+            self.peers[key].accepting = p.get("accepting", True)
+
+    def hosts(self, name: str) -> list[Peer]:
+        """Peers that take new requests for ``name`` (a draining peer still answers what it holds)."""
+        return [p for p in self.peers.values() if p.accepting and name in p.models]
 
     def _drop_peer(self, peer: Peer, exc: BaseException) -> None:
         for fut in peer.waiting.values():
@@ -231,7 +237,7 @@ class Engine:
     async def infer(self, name: str, inputs: Mapping[str, RequestTensor], parameters: Mapping[str, Any],
                     forwarded: bool = False) -> tuple[dict[str, np.ndarray | list[bytes]], Timing]:
         batcher = self.batchers.get(name)
-        hosts = [p for p in self.peers.values() if name in p.models]
+        hosts = self.hosts(name)
         if batcher is None and (forwarded or not hosts):
             raise NotFound(f"unknown model {name!r}" + ("" if forwarded else f"; known: {', '.join(self.known_models())}"))
         size = request_size(inputs)
@@ -299,14 +305,23 @@ class Engine:
         return outputs, timing
 
     async def _on_peers(self, hosts: list[Peer], name: str, inputs, parameters):
-        """Forward to the least busy host; if it cannot take it, try the next one."""
+        """Forward to the least busy host; if it cannot take it, try the next one.
+
+        The next one is chosen from the peer table as it is then: a host that left with our request
+        (a reload retiring it) has usually been replaced by a new generation's by the time we learn.
+        """
         last: BaseException = PeerUnavailable(f"no worker hosting {name!r} is reachable")
-        for peer in sorted(hosts, key=lambda p: p.outstanding):
+        tried: set[str] = set()
+        while True:
+            left = [p for p in self.hosts(name) if p.key not in tried] if tried else hosts
+            if not left:
+                raise last
+            peer = min(left, key=lambda p: p.outstanding)
+            tried.add(peer.key)
             try:
                 return await self._call_peer(peer, name, inputs, parameters)
             except PeerUnavailable as exc:
                 last = exc
-        raise last
 
     def _connect(self, peer: Peer) -> None:
         if peer.socket is None:

@@ -385,8 +385,11 @@ class GenerationEngine:
         """On the inference thread: one forward over every sequence of the batch, then sampling."""
         from models.bloom import SeqStep
 
-        logits = self.model.step(self.cache, [SeqStep(t, c, b) for t, c, b in steps])
         params = [s.params for s in batch]
+        if hasattr(self.model, "step_sample"):  # tensor parallel (models.parallel): sampling reduces per rank, no full logits
+            return self.model.step_sample(self.cache, [SeqStep(t, c, b) for t, c, b in steps], params,
+                                          [s.tokens for s in batch], [s.generator for s in batch])
+        logits = self.model.step(self.cache, [SeqStep(t, c, b) for t, c, b in steps])
         chosen, logprobs = sample(logits, params, [s.tokens for s in batch], [s.generator for s in batch])
         n_top = max(p.num_top_logprobs for p in params)
         tops = top_logprobs(logits, n_top) if n_top else None
