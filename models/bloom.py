@@ -47,7 +47,8 @@ positions. One call may mix prefills (the whole prompt, ``num_cached = 0``), rec
 preemption (any suffix, ``num_cached`` > 0 with its K/V still in the blocks) and decodes (one token).
 The cache holds no per-sequence state: the block tables are the scheduler's; two sequences may share
 blocks holding the same prefix (they only read them) but must not write the same slot in one call.
-Sequences of one call must not share a block that either writes to.
+Logits come back on the model's device. Around it: ``models.text`` (Tokenizer, chat template,
+IncrementalDetokenizer, find_stop / TextStream) and ``models.sampling`` (SamplingParams, sample).
 
 Errors: ``InputError`` for a token id outside the vocabulary or a context longer than
 ``max_model_len`` (a client's prompt); ``ValueError`` for a malformed call (empty ``new_tokens``, a
@@ -57,8 +58,9 @@ Tensor parallelism (not built yet, planned Megatron-style): every module takes a
 attention holds ``n_head // tp_size`` heads (``query_key_value`` split by head rows, ``dense`` by
 columns), the MLP a ``1/tp_size`` slice of the 4h features (``dense_h_to_4h`` by rows,
 ``dense_4h_to_h`` by columns); the two row-parallel outputs go through ``Parallel.all_reduce`` before
-their bias is added; the embedding and the tied ``lm_head`` would be vocab-parallel
-(``Parallel.vocab_range``). With ``Parallel()`` (size 1) every seam is the identity.
+their bias is added; the embedding and the tied ``lm_head`` would be vocab-parallel (logits through
+``Parallel.all_gather_last``; ``BloomModel`` refuses size > 1 until that lookup is written). With
+``Parallel()`` (size 1) every seam is the identity.
 """
 
 from __future__ import annotations
