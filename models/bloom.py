@@ -47,7 +47,8 @@ positions. One call may mix prefills (the whole prompt, ``num_cached = 0``), rec
 preemption (any suffix, ``num_cached`` > 0 with its K/V still in the blocks) and decodes (one token).
 The cache holds no per-sequence state: the block tables are the scheduler's; two sequences may share
 blocks holding the same prefix (they only read them) but must not write the same slot in one call.
-Sequences of one call must not share a block that either writes to.
+Logits come back on the model's device. Around it: ``models.text`` (Tokenizer, chat template,
+IncrementalDetokenizer, find_stop / TextStream) and ``models.sampling`` (SamplingParams, sample).
 
 Errors: ``InputError`` for a token id outside the vocabulary or a context longer than
 ``max_model_len`` (a client's prompt); ``ValueError`` for a malformed call (empty ``new_tokens``, a
