@@ -169,10 +169,15 @@ class GenBench(Bench):
         return self.sse
 
     def helper(self, impl: str, folder: str) -> JsonProc:
-        argv = [PY, str(BENCH / "genraw.py"), "--impl", impl, "--folder", folder, "--core", "0", "--threads", "1"]
+        # generate() runs with the transformers of .venv-bench when there is one: the same as transformers serve's
+        py = BENCH_PY if impl == "hf" and tserve_available() else PY
+        argv = [py, str(BENCH / "genraw.py"), "--impl", impl, "--folder", folder, "--core", "0", "--threads", "1"]
         p = JsonProc(argv, self.work / f"genraw-{impl}.log", name=f"genraw {impl}")
         self.cleanup.append(p)
-        p.read(900)
+        ready = p.read(900)
+        if impl == "hf":
+            self.notes.append(f"generate(): transformers {ready.get('transformers')}, torch {ready.get('torch')} "
+                              f"({'.venv-bench' if py == BENCH_PY else '.venv'})")
         return p
 
     def helper_point(self, name: str, proc: JsonProc, prompts: list[list[int]], group: str) -> GenPoint:
@@ -182,6 +187,7 @@ class GenBench(Bench):
             res = proc.call({"op": "run", "prompts": prompts, "max_new_tokens": n}, timeout=1800)
             res["ips"] = res["tps"]
             res["p50_ms"], res["p99_ms"] = res["ttft_ms"], float("nan")
+            res["decode_tps"] = res["decode_tps"] / len(prompts)  # per stream, as the servers' column
             return res
 
         return GenPoint(name, measure, group=group, batch=len(prompts))

@@ -133,7 +133,14 @@ def main() -> int:
     torch.set_num_interop_threads(1)
     impl = HF(args.folder) if args.impl == "hf" else Raw(args.folder)
     impl.run([[5, 6, 7, 8]], 4)  # first calls: allocator, oneDNN primitives
-    sys.stdout.write(json.dumps({"ready": True, "pid": os.getpid()}) + "\n")
+    try:
+        import transformers
+
+        version = transformers.__version__
+    except ImportError:
+        version = None
+    sys.stdout.write(json.dumps({"ready": True, "pid": os.getpid(), "torch": torch.__version__,
+                                 "transformers": version}) + "\n")
     sys.stdout.flush()
     for line in sys.stdin:
         if not line.strip():
