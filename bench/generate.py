@@ -65,12 +65,14 @@ from bench.run import Bench, Point, fmt  # noqa: E402
 from bench.servers import ModelsrvServer, _Process  # noqa: E402
 
 # Per model size: new tokens per request, prompt words, and (warm-up, window, stagger) seconds per
-# concurrency. A bloom-560m step is ~0.2 s at batch 1 on one core, so a 32-token request takes
-# ~7 s alone; the warm-up lets the staggered streams all start before the window opens.
+# concurrency. On one core a bloom-560m decode step takes ~0.2 s at batch 1, ~0.6 s at 8 and ~1 s
+# at 32 and a 46-token prefill ~0.4 s, so a 32-token request takes ~7 s alone, ~20 s among 8 and
+# ~45 s among 32: the stagger spreads the streams' starts over about one request, the warm-up
+# lets them all start before the window opens.
 PLANS: dict[str, dict[str, Any]] = {
     "560m": {"new_tokens": 32, "prompt_len": 32,
-             "timing": {1: (2.0, 16.0, 0.0), 8: (10.0, 24.0, 6.0), 32: (24.0, 30.0, 16.0)},
-             "quick": {1: (2.0, 10.0, 0.0), 8: (8.0, 14.0, 5.0), 32: (16.0, 18.0, 12.0)}},
+             "timing": {1: (1.0, 15.0, 0.0), 8: (20.0, 30.0, 15.0), 32: (40.0, 40.0, 30.0)},
+             "quick": {1: (1.0, 10.0, 0.0), 8: (12.0, 20.0, 10.0), 32: (25.0, 25.0, 20.0)}},
     "small": {"new_tokens": 32, "prompt_len": 32,
               "timing": {1: (1.0, 5.0, 0.0), 8: (2.0, 6.0, 0.5), 32: (3.0, 8.0, 1.0)},
               "quick": {1: (1.0, 3.0, 0.0), 8: (1.5, 4.0, 0.5), 32: (2.0, 5.0, 1.0)}},
@@ -147,7 +149,8 @@ class GenBench(Bench):
         return m
 
     def prepare_bloom(self) -> dict[str, Any]:
-        argv = [PY, str(BENCH / "genprep.py"), str(self.work / "models"), "--config", self.args.config,
+        root = Path(self.args.models_dir) if self.args.models_dir else self.work / "models"
+        argv = [PY, str(BENCH / "genprep.py"), str(root), "--config", self.args.config,
                 "--prompt-len", str(self.args.prompt_len or self.plan["prompt_len"]), "--prompts", "256"]
         r = subprocess.run(argv, capture_output=True, env=env_with_repo(), cwd=str(REPO), timeout=900)
         if r.returncode:
@@ -384,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modelsrv-extra", default="{}", help="JSON: extra request fields for modelsrv")
     ap.add_argument("--tserve", choices=("auto", "cb", "plain", "none"), default="auto",
                     help="transformers serve: continuous batching if it works (auto), forced on/off, or not at all")
+    ap.add_argument("--models-dir", default="", help="keep the model folders here and reuse them (default: a "
+                    "temporary directory, removed at the end)")
     ap.add_argument("--out", default=str(BENCH / "results"))
     args = ap.parse_args(argv)
     bench = GenBench(args)
