@@ -47,6 +47,9 @@ class ModelConf:
     request_timeout: float = 60.0
     tensor_parallel: int = 1
     workers: list[int] | None = None  # slots hosting the model; None = every worker
+    kv_cache_tokens: int | None = None  # generation (BLOOM): KV pool in tokens ...
+    kv_cache_size: int | None = None  # ... or in bytes; neither: 512m
+    max_num_seqs: int = 32  # generation: sequences in the running batch
 
 
 @dataclass
@@ -331,6 +334,14 @@ def _apply_model(cfg: Config, d: _Directive) -> None:
             model.tensor_parallel = inner.positive_int()
             if model.tensor_parallel != 1:
                 raise inner.error("tensor_parallel > 1 is not supported by any model type served yet")
+        elif inner.name == "kv_cache_tokens":
+            model.kv_cache_tokens = inner.positive_int()
+        elif inner.name == "kv_cache_size":
+            model.kv_cache_size = inner.convert(parse_size)
+            if model.kv_cache_size < 1:
+                raise inner.error('"kv_cache_size" must be greater than 0')
+        elif inner.name == "max_num_seqs":
+            model.max_num_seqs = inner.positive_int()
         elif inner.name == "workers":
             if not inner.args or not all(a.isdigit() for a in inner.args):
                 raise inner.error('"workers" takes worker numbers (0, 1, ...)')
@@ -339,8 +350,15 @@ def _apply_model(cfg: Config, d: _Directive) -> None:
             raise inner.error(f'unknown directive "{inner.name}"')
     if not has_path:
         raise d.error(f'model "{name}" has no "path"')
+    if "kv_cache_tokens" in seen and "kv_cache_size" in seen:
+        raise d.error(f'model "{name}": give "kv_cache_tokens" or "kv_cache_size", not both')
+    model._generation = sorted(seen & GENERATION_DIRECTIVES)  # type: ignore[attr-defined]
     model._where = (d.file, d.line)  # type: ignore[attr-defined]
     cfg.models[name] = model
+
+
+GENERATION_DIRECTIVES = {"kv_cache_tokens", "kv_cache_size", "max_num_seqs"}
+GENERATIVE_TYPES = {"bloom"}
 
 
 def _resolve(cfg: Config, check_models: bool) -> None:
@@ -377,6 +395,10 @@ def _resolve(cfg: Config, check_models: bool) -> None:
                 model.model_type = check_model_folder(model.path)
             except ValueError as exc:
                 raise ConfigError(f'model "{model.name}": {exc}', file, line) from None
+            extra = model._generation  # type: ignore[attr-defined]
+            if extra and model.model_type not in GENERATIVE_TYPES:
+                raise ConfigError(f'model "{model.name}": "{extra[0]}" applies to text generation models '
+                                  f'({", ".join(sorted(GENERATIVE_TYPES))}), not {model.model_type}', file, line)
 
 
 def listener_keys(cfg: Config) -> list[str]:

@@ -29,6 +29,18 @@ INFLIGHT = Gauge("modelsrv_inflight_requests", "Requests accepted and not yet an
 QUEUED = Gauge("modelsrv_queued_requests", "Requests waiting for a batch", ["model"], multiprocess_mode="livesum")
 LOAD_SECONDS = Gauge("modelsrv_model_load_seconds", "Seconds the last load of a model took", ["model"], multiprocess_mode="livemax")
 WORKERS_READY = Gauge("modelsrv_workers_ready", "Workers serving", multiprocess_mode="livesum")
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
+TTFT_SECONDS = Histogram("modelsrv_time_to_first_token_seconds", "Time from a generation's arrival to its first token",
+                         ["model"], buckets=LATENCY_BUCKETS)
+TPOT_SECONDS = Histogram("modelsrv_time_per_output_token_seconds", "Mean time between a generation's tokens after the first",
+                         ["model"], buckets=TOKEN_BUCKETS)
+PROMPT_TOKENS = Counter("modelsrv_prompt_tokens", "Prompt tokens of admitted generations", ["model"])
+GENERATED_TOKENS = Counter("modelsrv_generation_tokens", "Tokens generated (preempted work not counted twice)", ["model"])
+PREEMPTIONS = Counter("modelsrv_generation_preemptions", "Sequences preempted for lack of KV-cache blocks", ["model"])
+GEN_RUNNING = Gauge("modelsrv_generation_running", "Sequences in the running batch", ["model"], multiprocess_mode="livesum")
+GEN_WAITING = Gauge("modelsrv_generation_waiting", "Sequences waiting for a slot or KV blocks", ["model"], multiprocess_mode="livesum")
+KV_USAGE = Gauge("modelsrv_kv_cache_usage_ratio", "Share of the KV-cache blocks in use (max over workers)", ["model"],
+                 multiprocess_mode="livemax")
 WORKER_STARTS = Counter("modelsrv_worker_starts", "Worker processes started, by slot (restarts included)", ["slot"])
 
 

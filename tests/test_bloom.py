@@ -448,6 +448,31 @@ def test_sampling_processors_match_transformers():
         assert all(support[r, t] for r, t in enumerate(ids))
 
 
+@pytest.mark.parametrize("kw", [
+    {"temperature": 0.7, "top_k": 20, "top_p": 0.9, "repetition_penalty": 1.2},
+    {"temperature": 1.3, "top_k": 0},
+    {"temperature": 1.0, "top_p": 0.8},
+])
+def test_seeded_sampling_equals_transformers_generate(model, ref, kw):
+    # a request's seed plays the part of torch.manual_seed before HF's generate: same tokens
+    prompt = model.tokenizer.encode("Once upon a time")
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            out = ref.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                               do_sample=True, max_new_tokens=12, pad_token_id=3, **kw)
+        want = out[0, len(prompt):].tolist()
+        params = SamplingParams(seed=seed, **kw)
+        gen = generator_for(params)
+        cache = model.allocate_kv_cache(8, 4)
+        tokens, cached = list(prompt), 0
+        while len(tokens) - len(prompt) < len(want):
+            logits = model.step(cache, [SeqStep(tokens[cached:], cached, list(range(8)))])
+            cached = len(tokens)
+            tokens += sample(logits, [params], [tokens], [gen])[0]
+        assert tokens[len(prompt):] == want, (kw, seed)
+
+
 @pytest.mark.parametrize("kw,match", [
     ({"temperature": -1}, "temperature"), ({"temperature": float("nan")}, "temperature"),
     ({"top_k": -5}, "top_k"), ({"top_k": 2.5}, "top_k"), ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"),
