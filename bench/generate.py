@@ -28,7 +28,7 @@ own copy of the folder so that no two share page-cache pages and PSS is each one
 
 Every request: the chat template from tokenizer_config.json over a user message of exactly
 ``--prompt-len`` single-token words (different words per request), greedy, ``max_tokens`` N and
-generation forced to N tokens (modelsrv: ``min_tokens``/``ignore_eos``; transformers serve: its
+generation forced to N tokens (modelsrv: ``ignore_eos``, vLLM's extension; transformers serve: its
 ``generation_config`` with ``min_new_tokens``), so every server produces the same token counts.
 """
 
@@ -78,6 +78,9 @@ PLANS: dict[str, dict[str, Any]] = {
               "quick": {1: (1.0, 3.0, 0.0), 8: (1.5, 4.0, 0.5), 32: (2.0, 5.0, 1.0)}},
 }
 CONCURRENCY = (1, 8, 32)
+# The model on worker 0 only: one engine, one core, one torch thread (the other worker takes HTTP
+# connections too and hands generations to worker 0). A KV pool for 32 full requests and more.
+MODELSRV_CONF: dict[str, Any] = {"workers": 0, "kv_cache_tokens": 4096, "max_num_seqs": 32}
 
 
 def tserve_available() -> bool:
@@ -237,7 +240,7 @@ class GenBench(Bench):
     def force(n: int, extra: dict[str, Any]) -> dict[str, Any]:
         if "generation_config" in extra:  # transformers serve: a whole GenerationConfig as a JSON string
             return {"generation_config": json.dumps({"max_new_tokens": n, "min_new_tokens": n, "do_sample": False})}
-        return {k: n for k in ("min_tokens",) if k in extra}
+        return {}  # modelsrv: ignore_eos (in extra) with max_tokens
 
     # -- the section --------------------------------------------------------------------------------
     def bloom(self) -> dict[str, Any]:
@@ -259,7 +262,7 @@ class GenBench(Bench):
         if a.modelsrv != "none":
             conf = {"path": info["copies"]["modelsrv"], **json.loads(a.modelsrv_conf)}
             ms = self.server(ModelsrvServer(self.work / "ms-bloom", {"bloom": conf}, workers=a.workers))
-            extra = {"min_tokens": n, "ignore_eos": True, **json.loads(a.modelsrv_extra)}
+            extra = {"ignore_eos": True, "stream_options": {"include_usage": True}, **json.loads(a.modelsrv_extra)}
             servers.append(("modelsrv", ms, ms.http_port, "bloom", extra))
         if a.tserve != "none":
             if not tserve_available():
@@ -316,6 +319,9 @@ class GenBench(Bench):
                 ms1, "tpot_ms", step1, "step_ms")
             targets["server cost per token c=1, ms (modelsrv TPOT - model step)"] = self.cross_diff(
                 ms1, "tpot_ms", step1, "step_ms")
+            for c, p in ((8, ms8), (32, ms32)):  # the server's steps also carry the prefills of joining requests
+                targets[f"time per output token c={c}: modelsrv / model step batch {c}"] = self.cross_ratio(
+                    p, "tpot_ms", by[f"model step loop batch {c}"], "step_ms")
         if "transformers serve c=1" in by:
             targets["single stream decode tokens/s: transformers serve / generate()"] = ratio(
                 by["transformers serve c=1"], by["generate() single stream"], "decode_tps")
@@ -383,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-len", type=int, default=0, help="words (= tokens) of the user message")
     ap.add_argument("--workers", type=int, default=2, help="modelsrv workers (one core and one thread each)")
     ap.add_argument("--modelsrv", choices=("on", "none"), default="on")
-    ap.add_argument("--modelsrv-conf", default="{}", help="JSON: extra directives of the model block")
+    ap.add_argument("--modelsrv-conf", default=json.dumps(MODELSRV_CONF),
+                    help="JSON: directives of the model block besides path (default: %(default)s)")
     ap.add_argument("--modelsrv-extra", default="{}", help="JSON: extra request fields for modelsrv")
     ap.add_argument("--tserve", choices=("auto", "cb", "plain", "none"), default="auto",
                     help="transformers serve: continuous batching if it works (auto), forced on/off, or not at all")

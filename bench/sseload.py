@@ -172,6 +172,8 @@ class Run:
         for t in tasks:  # the window is over: close every open stream
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        now = cpu_now()
+        self.cpu = [now if self.cpu[0] is None else self.cpu[0], now if self.cpu[1] is None else self.cpu[1]]
         await asyncio.sleep(0)
         return self.result()
 
