@@ -1,13 +1,17 @@
 # make install: .venv with torch 2.13.0 (CPU wheel) and the project; the demo model folders.
 # make run:     install, then serve conf/srv.conf in the foreground.
 # make test:    install with the test extra, then the test suite.
+# make bench-env: .venv-bench, the peers' separate venv (torch 2.13.0 CPU first, then transformers[serving]
+#                 for `transformers serve` and generate(), LitServe, py-spy); see docs/BENCHMARKS.md.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 TSTAMP := $(VENV)/.installed-test
+BVENV  ?= .venv-bench
+BSTAMP := $(BVENV)/.installed
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench bench-env bench-gen clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -35,6 +39,20 @@ lint: $(TSTAMP)
 
 bench: install $(TSTAMP)
 	$(PY) bench/run.py
+
+$(BVENV)/bin/python:
+	python3 -m venv $(BVENV)
+
+# torch first, pinned: any other version would be a multi-GB download of a CUDA build
+$(BSTAMP): Makefile | $(BVENV)/bin/python
+	$(BVENV)/bin/python -c "import torch" 2>/dev/null || $(BVENV)/bin/python -m pip install -q torch==2.13.0
+	$(BVENV)/bin/python -m pip install -q 'transformers[serving]==5.24.0' litserve py-spy
+	touch $@
+
+bench-env: $(BSTAMP)
+
+bench-gen: install $(TSTAMP) bench-env
+	$(PY) bench/generate.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) models/store run logs
