@@ -91,7 +91,7 @@ class Sequence:
     """One request's state: its tokens, what of them is cached, its blocks, its output queue."""
 
     def __init__(self, sid: int, prompt: list[int], params: SamplingParams, limit: int, stream: Any,
-                 ignore_eos: bool) -> None:
+                 ignore_eos: bool, device: Any = "cpu") -> None:
         self.sid = sid
         self.tokens = list(prompt)  # prompt + generated; tokens[:num_cached] have their K/V in the blocks
         self.prompt_len = len(prompt)
@@ -99,7 +99,7 @@ class Sequence:
         self.limit = limit  # the most tokens (prompt + generated) it may reach: context, pool, max_tokens
         self.text = stream  # models.text.TextStream, or None without a tokenizer
         self.ignore_eos = ignore_eos
-        self.generator = generator_for(params)
+        self.generator = generator_for(params, device)  # on the logits' device: sampling draws there
         self.num_cached = 0
         self.table: list[int] = []
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -252,7 +252,8 @@ class GenerationEngine:
 
             skip = request.get("skip_special_tokens", True)
             stream = TextStream(self.tokenizer, params.stop, skip_special_tokens=bool(skip))
-        seq = Sequence(next(self.ids), prompt, params, limit, stream, bool(request.get("ignore_eos", False)))
+        seq = Sequence(next(self.ids), prompt, params, limit, stream, bool(request.get("ignore_eos", False)),
+                       getattr(self.model, "device", "cpu"))
         self.waiting.append(seq)
         self.m_prompt.inc(n)
         self._gauges()
