@@ -108,6 +108,12 @@ def test_streamed_sync_and_async_equal_the_whole_text(server, reference):
     assert "".join(e.choices[0].text for e in events if e.choices) == reference[p][1]
     assert events[-1].usage.completion_tokens == len(reference[p][0]) and not events[-1].choices
     assert sum(1 for e in events if e.choices) > 3, "not streamed"
+    # several prompts in one streamed request: chunks interleave, each tagged with its choice index
+    texts = ["", "", "", ""]
+    for e in c.completions.create(model="gen", prompt=PROMPTS, max_tokens=NEW, temperature=0, stream=True):
+        for ch in e.choices:
+            texts[ch.index] += ch.text
+    assert texts == [reference[q][1] for q in PROMPTS]
 
     async def many():
         a = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none")
