@@ -120,6 +120,9 @@ class Engine:
             if key not in wanted:
                 self._drop_peer(self.peers.pop(key), PeerUnavailable("peer left"))
         for key, p in wanted.items():
+            # a draining peer (accepting: false) takes no new work, but what it holds (a relayed
+            # generation) still streams back; it is dropped, its pending requests failed, when it
+            # leaves the table: exit or death
             if key in self.peers:
                 self.peers[key].models = set(p["models"])
             else:
@@ -154,7 +157,8 @@ class Engine:
     def known_models(self) -> list[str]:
         names = set(self.models)
         for peer in self.peers.values():
-            names |= peer.models
+            if peer.accepting:
+                names |= peer.models
         return sorted(names)
 
     def metric_label(self, name: str) -> str:
@@ -166,7 +170,7 @@ class Engine:
         if name in self.meta:
             return self.meta[name]
         for peer in self.peers.values():
-            if name in peer.meta:
+            if peer.accepting and name in peer.meta and name in peer.models:  # not a draining peer's
                 return peer.meta[name]
         return None
 
@@ -174,7 +178,8 @@ class Engine:
         """Text generation models this worker serves or can forward to (the OpenAI routes' models)."""
         names = set(self.generators)
         for peer in self.peers.values():
-            names |= {n for n in peer.models if "generation" in peer.meta.get(n, {})}
+            if peer.accepting:
+                names |= {n for n in peer.models if "generation" in peer.meta.get(n, {})}
         return sorted(names)
 
     # -- generation --------------------------------------------------------------------------------
@@ -186,7 +191,7 @@ class Engine:
         stops the generation wherever it runs.
         """
         gen = self.generators.get(name)
-        hosts = [p for p in self.peers.values() if name in p.models]
+        hosts = self.hosts(name)
         if gen is None and (forwarded or not hosts):
             if name in self.models or (self.metadata(name) is not None and name not in self.generation_models()):
                 raise BadRequest(f"model {name!r} does not generate text")
