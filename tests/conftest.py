@@ -294,7 +294,7 @@ class Load:
         for t in self.threads:
             t.join(60)
 
-    def wait_served(self, more: int = 5, timeout: float = 30.0) -> None:
+    def wait_served(self, more: int = 5, timeout: float = 60.0) -> None:
         """Wait until ``more`` further requests have succeeded: the load is flowing now (not a fixed sleep)."""
         target = self.ok + more
         wait_for(lambda: self.ok >= target, timeout, 0.02,
