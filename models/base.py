@@ -31,6 +31,13 @@ class Model(abc.ABC):
     Subclasses set ``model_type``, ``inputs`` and ``outputs`` (as class or instance attributes)
     and implement ``build``, ``prepare`` and ``forward``; those with a release checkpoint format
     implement ``convert`` (and ``add_convert_arguments``) for ``bin/modelsrv-convert``.
+
+    Configuration, the same in every model module: a frozen dataclass (``DenseNetConfig``,
+    ``AFNOConfig``, ``MaskFormerConfig``, ``Detr3DConfig``, ``BloomConfig``) whose
+    ``from_dict(config)`` validates a config.json dict, raising ``ValueError`` with a message that
+    names the model type and the key, and whose ``to_json()`` gives the config.json of a folder
+    written from it. An instance keeps the folder's dict as read in ``config`` and the validated
+    dataclass in ``cfg``.
     """
 
     model_type: ClassVar[str]

@@ -21,6 +21,7 @@ import io
 import re
 from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -41,7 +42,6 @@ ARCHS: dict[str, dict[str, Any]] = {
     "densenet169": {"growth_rate": 32, "block_config": [6, 12, 32, 32], "num_init_features": 64},
     "densenet201": {"growth_rate": 32, "block_config": [6, 12, 48, 32], "num_init_features": 64},
 }
-DEFAULT_CONFIG: dict[str, Any] = {"model_type": "densenet", **ARCHS["densenet121"], "bn_size": 4, "num_classes": 1000}
 
 # torchvision's ImageNet preprocessing (the weights' transforms: Resize(256), CenterCrop(224)).
 RESIZE_SIZE = 256
@@ -147,34 +147,69 @@ class DenseNet(nn.Module):
         return self.classifier(out)  # [N, num_classes]
 
 
-def parse_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """``config.json`` with densenet121 defaults filled in, checked (ValueError on nonsense)."""
-    cfg = {**DEFAULT_CONFIG, **config}
-    if not isinstance(cfg.get("channels_last", False), bool):
-        raise ValueError(f"densenet config: channels_last must be true or false, got {cfg['channels_last']!r}")
-    ints = ("growth_rate", "num_init_features", "bn_size", "num_classes")
-    for key in ints:
-        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
-            raise ValueError(f"densenet config: {key} must be a positive integer, got {cfg[key]!r}")
-    blocks = cfg["block_config"]
-    if (
-        not isinstance(blocks, list | tuple)
-        or not blocks
-        or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in blocks)
-    ):
-        raise ValueError(f"densenet config: block_config must be a non-empty list of positive integers, got {blocks!r}")
-    cfg["block_config"] = [int(b) for b in blocks]
-    return cfg
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DenseNetConfig:
+    """torchvision's ``DenseNet`` constructor arguments; the defaults are densenet121's."""
+
+    growth_rate: int = 32
+    block_config: tuple[int, ...] = (6, 12, 24, 16)
+    num_init_features: int = 64
+    bn_size: int = 4
+    num_classes: int = 1000
+    channels_last: bool | None = None  # None: true on CUDA, false on the CPU (see DenseNetModel)
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any]) -> DenseNetConfig:
+        """Validate a config.json dict (absent keys take the defaults; others such as ``model_type`` are ignored)."""
+        d = {f: config[f] for f in cls.__dataclass_fields__ if f in config}
+        channels_last = d.get("channels_last")
+        if channels_last is not None and not isinstance(channels_last, bool):
+            raise ValueError(f"densenet config: channels_last must be true or false, got {channels_last!r}")
+        for key in ("growth_rate", "num_init_features", "bn_size", "num_classes"):
+            v = d.get(key, getattr(cls, key))
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"densenet config: {key} must be a positive integer, got {v!r}")
+        blocks = d.get("block_config", cls.block_config)
+        if (
+            not isinstance(blocks, list | tuple)
+            or not blocks
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in blocks)
+        ):
+            raise ValueError(f"densenet config: block_config must be a non-empty list of positive integers, got {blocks!r}")
+        return cls(
+            growth_rate=d.get("growth_rate", cls.growth_rate),
+            block_config=tuple(int(b) for b in blocks),
+            num_init_features=d.get("num_init_features", cls.num_init_features),
+            bn_size=d.get("bn_size", cls.bn_size),
+            num_classes=d.get("num_classes", cls.num_classes),
+            channels_last=channels_last,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The config.json of this architecture (``channels_last`` only when it was set)."""
+        out: dict[str, Any] = {
+            "model_type": "densenet",
+            "growth_rate": self.growth_rate,
+            "block_config": list(self.block_config),
+            "num_init_features": self.num_init_features,
+            "bn_size": self.bn_size,
+            "num_classes": self.num_classes,
+        }
+        if self.channels_last is not None:
+            out["channels_last"] = self.channels_last
+        return out
 
 
-def densenet_from_config(config: Mapping[str, Any]) -> DenseNet:
-    cfg = parse_config(config)
+def densenet_from_config(cfg: DenseNetConfig) -> DenseNet:
     return DenseNet(
-        growth_rate=cfg["growth_rate"],
-        block_config=tuple(cfg["block_config"]),
-        num_init_features=cfg["num_init_features"],
-        bn_size=cfg["bn_size"],
-        num_classes=cfg["num_classes"],
+        growth_rate=cfg.growth_rate,
+        block_config=cfg.block_config,
+        num_init_features=cfg.num_init_features,
+        bn_size=cfg.bn_size,
+        num_classes=cfg.num_classes,
     )
 
 
@@ -282,15 +317,18 @@ class DenseNetModel(Model):
     def add_convert_arguments(cls, parser: argparse.ArgumentParser) -> None:
         _add_arguments(parser)
 
-    def __init__(self, folder: Path, config: dict[str, Any], device: torch.device, module: DenseNet) -> None:
+    def __init__(
+        self, folder: Path, config: dict[str, Any], device: torch.device, cfg: DenseNetConfig, module: DenseNet
+    ) -> None:
         super().__init__(folder, config, device)
+        self.cfg = cfg
         self.module = module
-        self.num_classes = int(config["num_classes"])
-        self.min_size = min_input_size(len(config["block_config"]))
+        self.num_classes = cfg.num_classes
+        self.min_size = min_input_size(len(cfg.block_config))
         # channels_last runs ~15% faster on CPU (oneDNN) but copies the conv weights out of the
         # shared memory map into every worker, so on the CPU it is opt-in ("channels_last": true);
         # on CUDA the weights are copied to the device anyway.
-        self.channels_last = bool(config.get("channels_last", device.type == "cuda"))
+        self.channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
         if self.channels_last:
             self.module = module.to(memory_format=torch.channels_last)
         # Both optional in the specs; prepare requires exactly one of them.
@@ -302,13 +340,13 @@ class DenseNetModel(Model):
 
     @classmethod
     def build(cls, folder: Path, config: dict[str, Any], device: torch.device) -> DenseNetModel:
-        cfg = parse_config(config)
+        cfg = DenseNetConfig.from_dict(config)
         module = build_on_meta(lambda: densenet_from_config(cfg))
         # torchvision's published .pth files have no num_batches_tracked: unused in eval anyway.
         load_into(module, read_state_dict(folder), device, optional=("num_batches_tracked",))
         if any(p.dtype != torch.float32 for p in module.parameters()):
             module = module.float()
-        return cls(Path(folder), cfg, device, module)
+        return cls(Path(folder), config, device, cfg, module)
 
     def prepare(self, inputs: Mapping[str, RequestTensor], parameters: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         self.check_inputs(inputs)
@@ -353,12 +391,11 @@ def random_densenet_folder(out: Path, config: dict | None = None, seed: int = 0)
     gives the same bytes and the caller's global RNG is left alone. BatchNorm keeps its default
     running statistics (mean 0, var 1).
     """
-    cfg = parse_config(config or {})
-    cfg["model_type"] = "densenet"
+    cfg = DenseNetConfig.from_dict(config or {})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         module = densenet_from_config(cfg)
-    return write_model_folder(Path(out), cfg, module.state_dict())
+    return write_model_folder(Path(out), cfg.to_json(), module.state_dict())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,9 +457,9 @@ def infer_config(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     }
 
 
-def check_state(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> None:
-    """ValueError unless ``state`` has exactly the names and shapes of the architecture of ``config``."""
-    weights.check_state(lambda: densenet_from_config(config), state, f"the DenseNet config {dict(config)}")
+def check_state(cfg: DenseNetConfig, state: Mapping[str, torch.Tensor]) -> None:
+    """ValueError unless ``state`` has exactly the names and shapes of the architecture of ``cfg``."""
+    weights.check_state(lambda: densenet_from_config(cfg), state, f"the DenseNet config {cfg.to_json()}")
 
 
 def convert_densenet(src: Path, out: Path, args: argparse.Namespace | None = None) -> Path:
@@ -440,8 +477,8 @@ def convert_densenet(src: Path, out: Path, args: argparse.Namespace | None = Non
             value = getattr(args, key, None)
             if value is not None:
                 config[key] = value
-    config = parse_config(config)
-    check_state(config, state)
+    cfg = DenseNetConfig.from_dict(config)
+    check_state(cfg, state)
     # Serve in fp32 (the reference precision); integers (num_batches_tracked) stay as they are.
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    return write_model_folder(Path(out), config, state)
+    return write_model_folder(Path(out), cfg.to_json(), state)

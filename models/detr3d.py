@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import math
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -510,37 +512,37 @@ class Detr3DTransformer(nn.Module):
 
 
 class Detr3DHead(nn.Module):
-    def __init__(self, cfg: Mapping[str, Any]) -> None:
+    def __init__(self, cfg: Detr3DConfig) -> None:
         super().__init__()
-        c = int(cfg["embed_dims"])
-        self.pc_range = [float(v) for v in cfg["pc_range"]]
-        self.with_box_refine = bool(cfg["with_box_refine"])
+        c = int(cfg.embed_dims)
+        self.pc_range = [float(v) for v in cfg.pc_range]
+        self.with_box_refine = bool(cfg.with_box_refine)
         self.transformer = Detr3DTransformer(
             embed_dims=c,
-            num_layers=int(cfg["num_layers"]),
-            num_heads=int(cfg["num_heads"]),
-            feedforward_channels=int(cfg["feedforward_channels"]),
-            num_levels=int(cfg["num_levels"]),
-            num_points=int(cfg["num_points"]),
-            num_cams=int(cfg["num_cams"]),
+            num_layers=int(cfg.num_layers),
+            num_heads=int(cfg.num_heads),
+            feedforward_channels=int(cfg.feedforward_channels),
+            num_levels=int(cfg.num_levels),
+            num_points=int(cfg.num_points),
+            num_cams=int(cfg.num_cams),
             pc_range=self.pc_range,
         )
         cls_branch: list[nn.Module] = []
         reg_branch: list[nn.Module] = []
-        for _ in range(int(cfg["num_reg_fcs"])):
+        for _ in range(int(cfg.num_reg_fcs)):
             cls_branch += [nn.Linear(c, c), nn.LayerNorm(c), nn.ReLU(inplace=True)]
             reg_branch += [nn.Linear(c, c), nn.ReLU()]
-        cls_branch.append(nn.Linear(c, int(cfg["num_classes"])))
-        reg_branch.append(nn.Linear(c, int(cfg["code_size"])))
+        cls_branch.append(nn.Linear(c, int(cfg.num_classes)))
+        reg_branch.append(nn.Linear(c, int(cfg.code_size)))
         fc_cls, fc_reg = nn.Sequential(*cls_branch), nn.Sequential(*reg_branch)
-        n = int(cfg["num_layers"])
+        n = int(cfg.num_layers)
         if self.with_box_refine:  # one branch per decoder layer
             self.cls_branches = nn.ModuleList(copy.deepcopy(fc_cls) for _ in range(n))
             self.reg_branches = nn.ModuleList(copy.deepcopy(fc_reg) for _ in range(n))
         else:  # one branch shared by every layer (the state dict still lists it per layer)
             self.cls_branches = nn.ModuleList([fc_cls] * n)
             self.reg_branches = nn.ModuleList([fc_reg] * n)
-        self.query_embedding = nn.Embedding(int(cfg["num_query"]), 2 * c)
+        self.query_embedding = nn.Embedding(int(cfg.num_query), 2 * c)
 
     def forward(
         self, mlvl_feats: Sequence[torch.Tensor], lidar2img: torch.Tensor, img_hw: tuple[int, int]
@@ -581,19 +583,19 @@ class Detr3DHead(nn.Module):
 class Detr3D(nn.Module):
     """The detector: ``img_backbone`` -> ``img_neck`` -> ``pts_bbox_head`` (decoding outside)."""
 
-    def __init__(self, cfg: Mapping[str, Any]) -> None:
+    def __init__(self, cfg: Detr3DConfig) -> None:
         super().__init__()
         self.img_backbone = ResNet(
-            int(cfg["depth"]), int(cfg["base_channels"]), cfg.get("stage_blocks"), str(cfg["style"]),
-            [bool(v) for v in cfg["dcn_stages"]], int(cfg["dcn_deform_groups"]),
+            int(cfg.depth), int(cfg.base_channels), cfg.stage_blocks, str(cfg.style),
+            [bool(v) for v in cfg.dcn_stages], int(cfg.dcn_deform_groups),
         )
         self.img_neck = FPN(
             self.img_backbone.out_channels,
-            int(cfg["embed_dims"]),
-            int(cfg["num_levels"]),
-            int(cfg["fpn_start_level"]),
-            cfg["fpn_add_extra_convs"],
-            bool(cfg["fpn_relu_before_extra_convs"]),
+            int(cfg.embed_dims),
+            int(cfg.num_levels),
+            int(cfg.fpn_start_level),
+            cfg.fpn_add_extra_convs,
+            bool(cfg.fpn_relu_before_extra_convs),
         )
         self.pts_bbox_head = Detr3DHead(cfg)
 
@@ -672,8 +674,64 @@ def decode_predictions(
 # ---------------------------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------------------------
-def parse_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """Defaults for absent keys, then validation (ValueError names the bad key)."""
+@dataclass(frozen=True)
+class Detr3DConfig:
+    """config.json of a DETR3D folder (docs/DETR3D.md); ``DEFAULT_CONFIG`` holds the released values.
+
+    Lists are kept as tuples; ``to_json`` writes them back as lists, every key included.
+    """
+
+    depth: int
+    base_channels: int
+    stage_blocks: tuple[int, ...] | None
+    style: str
+    dcn_stages: tuple[bool, ...]
+    dcn_deform_groups: int
+    fpn_start_level: int
+    fpn_add_extra_convs: str | bool
+    fpn_relu_before_extra_convs: bool
+    num_levels: int
+    num_cams: int
+    num_points: int
+    embed_dims: int
+    num_heads: int
+    feedforward_channels: int
+    num_layers: int
+    num_query: int
+    num_classes: int
+    code_size: int
+    num_reg_fcs: int
+    with_box_refine: bool
+    pc_range: tuple[float, ...]
+    post_center_range: tuple[float, ...] | None
+    max_num: int
+    score_threshold: float | None
+    image_size: tuple[int, ...]
+    class_names: tuple[str, ...]
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any]) -> Detr3DConfig:
+        """Defaults for absent keys, then validation (ValueError names the bad key; unknown keys are refused)."""
+        try:
+            cfg = _checked(config)
+        except TypeError as exc:  # a value of the wrong type, failing inside len(), int() ...
+            raise ValueError(f"detr3d config: a value has the wrong type: {exc}") from None
+        return cls(**{f.name: _frozen(cfg[f.name]) for f in dataclasses.fields(cls)})
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"model_type": "detr3d"}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
+def _frozen(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _checked(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` with DEFAULT_CONFIG for absent keys, validated (ValueError names the bad key)."""
     unknown = sorted(set(config) - set(DEFAULT_CONFIG))
     if unknown:
         raise ValueError(f"detr3d config: unknown keys {unknown}")
@@ -751,11 +809,14 @@ class Detr3DModel(Model):
     def add_convert_arguments(cls, parser: argparse.ArgumentParser) -> None:
         _add_arguments(parser)
 
-    def __init__(self, folder: Path, config: dict[str, Any], device: torch.device, module: Detr3D) -> None:
+    def __init__(
+        self, folder: Path, config: dict[str, Any], device: torch.device, cfg: Detr3DConfig, module: Detr3D
+    ) -> None:
         super().__init__(folder, config, device)
+        self.cfg = cfg
         self.module = module
-        self.num_cams = int(config["num_cams"])
-        self.max_num = int(config["max_num"])
+        self.num_cams = cfg.num_cams
+        self.max_num = cfg.max_num
         self.inputs = (
             TensorSpec("images", "FP32", (-1, self.num_cams, 3, -1, -1)),
             TensorSpec("lidar2img", "FP32", (-1, self.num_cams, 4, 4)),
@@ -768,12 +829,12 @@ class Detr3DModel(Model):
 
     @classmethod
     def build(cls, folder: Path, config: dict[str, Any], device: torch.device) -> Detr3DModel:
-        cfg = parse_config(config)
+        cfg = Detr3DConfig.from_dict(config)
         module = build_on_meta(lambda: Detr3D(cfg))
         load_into(module, read_state_dict(folder), device, optional=("num_batches_tracked",))
         if any(p.dtype != torch.float32 for p in module.parameters()):
             module = module.float()
-        return cls(Path(folder), cfg, device, module)
+        return cls(Path(folder), config, device, cfg, module)
 
     def prepare(self, inputs: Mapping[str, RequestTensor], parameters: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         # A cams mismatch gets its own message before the generic shape check.
@@ -797,18 +858,18 @@ class Detr3DModel(Model):
         return {"images": torch.tensor(images), "lidar2img": torch.tensor(lidar2img)}
 
     def forward(self, batch: Mapping[str, torch.Tensor], parameters: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        cfg = self.config
+        cfg = self.cfg
         with torch.inference_mode():
             images = batch["images"].to(self.device, torch.float32)
             lidar2img = batch["lidar2img"].to(self.device, torch.float32)
             logits, code = self.module(images, lidar2img)
             boxes, scores, labels = decode_predictions(
-                logits, code, self.max_num, cfg["post_center_range"], cfg["score_threshold"]
+                logits, code, self.max_num, cfg.post_center_range, cfg.score_threshold
             )
         return {"boxes": boxes.float().cpu(), "scores": scores.float().cpu(), "labels": labels.long().cpu()}
 
     def example_inputs(self, batch_size: int = 1) -> dict[str, RequestTensor]:
-        h, w = (int(v) for v in self.config["image_size"])
+        h, w = (int(v) for v in self.cfg.image_size)
         rng = np.random.default_rng(0)
         images = rng.standard_normal((batch_size, self.num_cams, 3, h, w), dtype=np.float32)
         lidar2img = np.broadcast_to(ring_lidar2img(self.num_cams, h, w), (batch_size, self.num_cams, 4, 4)).copy()
@@ -830,7 +891,7 @@ def random_detr3d_folder(out: Path, config: dict | None = None, seed: int = 0) -
         "feedforward_channels": 64, "num_layers": 2, "num_query": 16, "num_classes": 3, "num_cams": 2,
         "max_num": 20, "image_size": [64, 96], "class_names": ["car", "pedestrian", "barrier"],
     }
-    cfg = parse_config({**tiny, **(config or {})})
+    cfg = Detr3DConfig.from_dict({**tiny, **(config or {})})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         module = Detr3D(cfg)
@@ -844,7 +905,7 @@ def random_detr3d_folder(out: Path, config: dict | None = None, seed: int = 0) -
                     t.copy_(torch.randn_like(t) * 0.05)
             module.pts_bbox_head.query_embedding.weight.normal_()
     state = {k: v for k, v in module.state_dict().items()}
-    return write_model_folder(Path(out), cfg, state)
+    return write_model_folder(Path(out), cfg.to_json(), state)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -925,9 +986,9 @@ def infer_config(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     }
 
 
-def check_state(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> None:
-    """ValueError unless ``state`` has exactly the names and shapes of the architecture of ``config``."""
-    weights.check_state(lambda: Detr3D(config), state, "the inferred DETR3D config")
+def check_state(cfg: Detr3DConfig, state: Mapping[str, torch.Tensor]) -> None:
+    """ValueError unless ``state`` has exactly the names and shapes of the architecture of ``cfg``."""
+    weights.check_state(lambda: Detr3D(cfg), state, "the inferred DETR3D config")
 
 
 def convert_detr3d(src: Path, out: Path, args: argparse.Namespace | None = None) -> Path:
@@ -955,7 +1016,7 @@ def convert_detr3d(src: Path, out: Path, args: argparse.Namespace | None = None)
             config["with_box_refine"] = False
     if "max_num" not in config:  # the released 300, unless there are fewer scores to rank
         config["max_num"] = min(DEFAULT_CONFIG["max_num"], config["num_query"] * config["num_classes"])
-    config = parse_config(config)
-    check_state(config, state)
+    cfg = Detr3DConfig.from_dict(config)
+    check_state(cfg, state)
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    return write_model_folder(Path(out), config, state)
+    return write_model_folder(Path(out), cfg.to_json(), state)

@@ -143,6 +143,16 @@ class SwinSettings:
     def strides(self) -> list[int]:
         return [self.patch_size * 2 ** (i - 1) for i in self.out_indices]
 
+    def to_json(self) -> dict[str, Any]:
+        """transformers' ``MaskFormerSwinConfig`` dict for these settings."""
+        return {
+            "model_type": "maskformer-swin", "patch_size": self.patch_size, "num_channels": self.num_channels,
+            "embed_dim": self.embed_dim, "depths": list(self.depths), "num_heads": list(self.num_heads),
+            "window_size": self.window_size, "mlp_ratio": self.mlp_ratio, "qkv_bias": self.qkv_bias,
+            "hidden_act": self.hidden_act, "use_absolute_embeddings": False, "layer_norm_eps": self.layer_norm_eps,
+            "out_indices": list(self.out_indices),
+        }
+
 
 @dataclass(frozen=True)
 class ResNetSettings:
@@ -170,6 +180,15 @@ class ResNetSettings:
             strides.append(strides[-1] * (2 if i > 0 or self.downsample_in_first_stage else 1))
         return [strides[i] for i in self.out_indices]
 
+    def to_json(self) -> dict[str, Any]:
+        """transformers' ``ResNetConfig`` dict for these settings."""
+        return {
+            "model_type": "resnet", "num_channels": self.num_channels, "embedding_size": self.embedding_size,
+            "hidden_sizes": list(self.hidden_sizes), "depths": list(self.depths), "layer_type": self.layer_type,
+            "hidden_act": self.hidden_act, "downsample_in_first_stage": self.downsample_in_first_stage,
+            "downsample_in_bottleneck": self.downsample_in_bottleneck, "out_indices": list(self.out_indices),
+        }
+
 
 @dataclass(frozen=True)
 class DecoderSettings:
@@ -182,9 +201,24 @@ class DecoderSettings:
     num_queries: int
     activation: str
 
+    def to_json(self) -> dict[str, Any]:
+        """transformers' ``DetrConfig`` dict (the decoder part) for these settings."""
+        return {
+            "model_type": "detr", "d_model": self.d_model, "decoder_layers": self.layers,
+            "decoder_attention_heads": self.heads, "decoder_ffn_dim": self.ffn_dim,
+            "num_queries": self.num_queries, "activation_function": self.activation,
+        }
+
 
 @dataclass(frozen=True)
-class MaskFormerSettings:
+class MaskFormerConfig:
+    """What the network needs from transformers' ``MaskFormerConfig`` (config.json, nested dicts).
+
+    ``from_dict`` reads and validates it (transformers' defaults for absent keys); ``to_json``
+    writes a MaskFormerConfig dict of the same network. A model folder keeps its own config.json
+    as written (labels' names and all); ``to_json`` is for folders made from these settings.
+    """
+
     backbone: SwinSettings | ResNetSettings
     decoder: DecoderSettings
     fpn_feature_size: int
@@ -205,6 +239,25 @@ class MaskFormerSettings:
     def mask_stride(self) -> int:
         """The pixel embeddings (and mask logits) are at this stride (4 for the usual backbones)."""
         return min(self.backbone.strides)
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any]) -> MaskFormerConfig:
+        """Read transformers' MaskFormerConfig (as a dict); raise ValueError for what is not supported."""
+        try:
+            return _read_config(config)
+        except (ValueError, TypeError, KeyError) as exc:  # a value of the wrong type fails inside int(), len() ...
+            raise ValueError(f"maskformer config: {exc}") from None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model_type": "maskformer",
+            "backbone_config": self.backbone.to_json(),
+            "decoder_config": self.decoder.to_json(),
+            "fpn_feature_size": self.fpn_feature_size,
+            "mask_feature_size": self.mask_feature_size,
+            "num_labels": self.num_labels,
+            "no_object_weight": self.no_object_weight,
+        }
 
 
 def _out_indices(cfg: Mapping[str, Any], num_stages: int, allow_stem: bool) -> tuple[int, ...]:
@@ -235,8 +288,8 @@ def _pair_int(value: Any, what: str) -> int:
     return int(value)
 
 
-def parse_config(config: Mapping[str, Any]) -> MaskFormerSettings:
-    """Read transformers' MaskFormerConfig (as a dict); raise ValueError for what is not supported."""
+def _read_config(config: Mapping[str, Any]) -> MaskFormerConfig:
+    """``MaskFormerConfig.from_dict``."""
     if config.get("model_type") != "maskformer":
         raise ValueError(f"model_type {config.get('model_type')!r} is not 'maskformer'")
     backbone = config.get("backbone_config")
@@ -325,7 +378,7 @@ def parse_config(config: Mapping[str, Any]) -> MaskFormerSettings:
     fpn = int(config.get("fpn_feature_size", 256))
     if fpn % 32:
         raise ValueError(f"fpn_feature_size {fpn} must be a multiple of 32 (GroupNorm with 32 groups)")
-    return MaskFormerSettings(
+    return MaskFormerConfig(
         backbone=backbone_settings,
         decoder=decoder,
         fpn_feature_size=fpn,
@@ -726,7 +779,7 @@ class PixelDecoder(nn.Module):
 
 
 class PixelLevelModule(nn.Module):
-    def __init__(self, s: MaskFormerSettings) -> None:
+    def __init__(self, s: MaskFormerConfig) -> None:
         super().__init__()
         b = s.backbone
         self.encoder: nn.Module = SwinBackbone(b) if isinstance(b, SwinSettings) else ResNetBackbone(b)
@@ -839,7 +892,7 @@ class TransformerModule(nn.Module):
 # The whole model
 # ---------------------------------------------------------------------------------------------
 class MaskFormerModel(nn.Module):
-    def __init__(self, s: MaskFormerSettings) -> None:
+    def __init__(self, s: MaskFormerConfig) -> None:
         super().__init__()
         self.pixel_level_module = PixelLevelModule(s)
         self.transformer_module = TransformerModule(s.backbone.channels[-1], s.decoder)
@@ -860,7 +913,7 @@ def empty_weight(num_labels: int, no_object_weight: float) -> torch.Tensor:
 
 
 class MaskFormerForInstanceSegmentation(nn.Module):
-    def __init__(self, s: MaskFormerSettings) -> None:
+    def __init__(self, s: MaskFormerConfig) -> None:
         super().__init__()
         d = s.decoder.d_model
         self.model = MaskFormerModel(s)
@@ -925,7 +978,7 @@ _MEMORY_NAMES = (
 )
 
 
-def normalize_state_keys(state: Mapping[str, torch.Tensor], settings: MaskFormerSettings) -> dict[str, torch.Tensor]:
+def normalize_state_keys(state: Mapping[str, torch.Tensor], settings: MaskFormerConfig) -> dict[str, torch.Tensor]:
     """Accept transformers' in-memory spellings; fill in the derived buffers a checkpoint may lack.
 
     ``relative_position_index`` (a function of the window size) and ``criterion.empty_weight``
@@ -948,7 +1001,7 @@ def normalize_state_keys(state: Mapping[str, torch.Tensor], settings: MaskFormer
     return out
 
 
-def check_state(settings: MaskFormerSettings, state: Mapping[str, torch.Tensor]) -> None:
+def check_state(settings: MaskFormerConfig, state: Mapping[str, torch.Tensor]) -> None:
     """ValueError unless ``state`` has exactly the names and shapes of the architecture."""
     expected = build_on_meta(lambda: MaskFormerForInstanceSegmentation(settings)).state_dict()
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
@@ -986,11 +1039,11 @@ class MaskFormer(Model):
         config: dict[str, Any],
         device: torch.device,
         module: MaskFormerForInstanceSegmentation,
-        settings: MaskFormerSettings,
+        settings: MaskFormerConfig,
     ) -> None:
         super().__init__(folder, config, device)
         self.module = module
-        self.settings = settings
+        self.cfg = settings
         q, labels = settings.decoder.num_queries, settings.num_labels
         self.inputs = (TensorSpec("pixel_values", "FP32", (-1, settings.num_channels, -1, -1)),)
         self.outputs = (
@@ -1002,7 +1055,7 @@ class MaskFormer(Model):
 
     @classmethod
     def build(cls, folder: Path, config: dict[str, Any], device: torch.device) -> MaskFormer:
-        settings = parse_config(config)
+        settings = MaskFormerConfig.from_dict(config)
         module = build_on_meta(lambda: MaskFormerForInstanceSegmentation(settings))
         state = normalize_state_keys(read_state_dict(Path(folder)), settings)
         # Serve in fp32 (the reference precision); a half-precision checkpoint is upcast.
@@ -1042,7 +1095,7 @@ class MaskFormer(Model):
         rng = np.random.default_rng(0)
         side = 2 * self.size_multiple
         return {
-            "pixel_values": rng.standard_normal((batch_size, self.settings.num_channels, side, side), dtype=np.float32)
+            "pixel_values": rng.standard_normal((batch_size, self.cfg.num_channels, side, side), dtype=np.float32)
         }
 
 
@@ -1154,7 +1207,7 @@ def random_maskformer_folder(out: Path, seed: int = 0, config: dict[str, Any] | 
     gives the same bytes; the caller's global RNG is left alone. transformers loads it unchanged.
     """
     config = copy.deepcopy(config) if config is not None else tiny_config()
-    settings = parse_config(config)
+    settings = MaskFormerConfig.from_dict(config)
     module = randomize_(MaskFormerForInstanceSegmentation(settings), seed)
     return write_model_folder(Path(out), config, module.state_dict())
 
@@ -1184,7 +1237,7 @@ def convert_maskformer(src: Path, out: Path, args: argparse.Namespace | None = N
         raise ValueError(f"{config_path}: not valid JSON: {exc}") from None
     if not isinstance(config, dict):
         raise ValueError(f"{config_path}: not a JSON object")
-    settings = parse_config(config)
+    settings = MaskFormerConfig.from_dict(config)
     state = normalize_state_keys(weights.plain_state_dict(torch_load_tensors(src)), settings)
     check_state(settings, state)
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}

@@ -9,6 +9,12 @@ worker that said it is draining — with a short back-off, and raise ``ModelsrvE
     from server.client import Client
     with Client("tcp://127.0.0.1:5555") as c:
         logits = c.infer("densenet121", {"images": batch})["logits"]
+        for chunk in c.generate("bloom", "Once upon a time", max_tokens=32, temperature=0):
+            print(chunk["text"], end="", flush=True)
+
+``generate`` yields the chunks of a text generation as the server produces them (op ``generate``,
+docs/PROTOCOL.md); closing the iterator early (``break`` out of the loop, ``close()``) sends
+``cancel``, so the server frees the sequence's slot and KV cache.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -35,6 +41,22 @@ class ModelsrvError(Exception):
         super().__init__(f"[{code}] {message}")
         self.code = code
         self.message = message
+
+
+def _generation_request(prompt: str | list[int] | None, messages: list[dict[str, Any]] | None,
+                        options: dict[str, Any]) -> dict[str, Any]:
+    if (prompt is None) == (messages is None):
+        raise ValueError("give a prompt (text or token ids) or chat messages")
+    request = {k: v for k, v in options.items() if v is not None}
+    if prompt is not None:
+        request["prompt"] = prompt
+    else:
+        request["messages"] = messages
+    return request
+
+
+def _chunk(header: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in header.items() if k not in ("v", "id", "ok", "final", "closing")}
 
 
 def _result(header: dict[str, Any], frames: list[Any]) -> dict[str, Any]:
@@ -98,6 +120,74 @@ class Client:
               parameters: Mapping[str, Any] | None = None) -> dict[str, np.ndarray | list[bytes]]:
         return self.call("infer", model, inputs, parameters)
 
+    def generate(self, model: str, prompt: str | list[int] | None = None, *, messages: list[dict[str, Any]] | None = None,
+                 **options: Any) -> Iterator[dict[str, Any]]:
+        """Chunks of a generation (``text``, ``token_ids``, ``finish_reason`` on the last, ...), as produced.
+
+        options: max_tokens, temperature, top_p, top_k, seed, repetition_penalty, stop, logprobs,
+        ignore_eos, skip_special_tokens. A 503 before the generation is admitted is retried; closing
+        the iterator early cancels the generation on the server. ``timeout`` bounds each wait for a chunk.
+        """
+        request = _generation_request(prompt, messages, options)
+        last: ModelsrvError | None = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff * (2 ** (attempt - 1)))
+            i = next(self.turn)
+            request_id = next(self.ids)
+            sock = self.sockets[i]
+            sock.send_multipart([wire.pack({"op": "generate", "id": request_id, "model": model, "parameters": request})])
+            header = self._next(i, request_id)
+            if not header.get("ok"):
+                last = ModelsrvError(int(header.get("code", 500)), str(header.get("error")))
+                if header.get("code") in RETRYABLE:
+                    continue
+                raise last
+            return self._stream(i, request_id, header)
+        assert last is not None
+        raise last
+
+    def _next(self, i: int, request_id: int) -> dict[str, Any]:
+        """The next reply to ``request_id`` on socket ``i`` (a timeout is a 504 reply)."""
+        sock = self.sockets[i]
+        deadline = time.monotonic() + self.timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sock.poll(left * 1000):
+                self._replace(i)
+                return {"ok": False, "code": 504, "error": f"no reply from {self.address} within {self.timeout:g}s"}
+            frames = sock.recv_multipart(copy=False)
+            header = wire.unpack(frames[0].buffer)
+            if header.get("id") == request_id:
+                return header
+
+    def _stream(self, i: int, request_id: int, first: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        sock = self.sockets[i]
+        done = closing = False
+        try:
+            header = first
+            while True:
+                closing = closing or bool(header.get("closing"))
+                if not header.get("ok"):
+                    done = True
+                    raise ModelsrvError(int(header.get("code", 500)), str(header.get("error")))
+                if not header.get("accepted"):
+                    done = bool(header.get("final"))
+                    yield _chunk(header)
+                    if done:
+                        return
+                header = self._next(i, request_id)
+                if header.get("code") == 504 and not header.get("ok"):
+                    done = True  # the socket was replaced: nothing to cancel on
+        finally:
+            if not done and self.sockets[i] is sock:
+                try:
+                    sock.send(wire.pack({"op": "cancel", "id": request_id}), zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+            if closing and self.sockets[i] is sock:
+                self._replace(i)
+
     def live(self) -> bool:
         return bool(self.call("live").get("live"))
 
@@ -139,9 +229,15 @@ class _Connection:
                 header = wire.unpack(frames[0].buffer)
                 if header.get("closing"):
                     self.retired = True
-                fut = self.waiting.pop(header.get("id"), None)
-                if fut is not None and not fut.done():
-                    fut.set_result((header, frames[1:]))
+                target = self.waiting.get(header.get("id"))
+                if isinstance(target, asyncio.Queue):  # a generation: every reply until the final one
+                    target.put_nowait(header)
+                    if header.get("final") or not header.get("ok"):
+                        self.waiting.pop(header.get("id"), None)
+                else:
+                    fut = self.waiting.pop(header.get("id"), None)
+                    if fut is not None and not fut.done():
+                        fut.set_result((header, frames[1:]))
                 if self.retired and not self.waiting:
                     break
         except (asyncio.CancelledError, zmq.ZMQError):
@@ -202,6 +298,50 @@ class AsyncClient:
     async def infer(self, model: str, inputs: Mapping[str, np.ndarray | list[bytes]],
                     parameters: Mapping[str, Any] | None = None) -> dict[str, np.ndarray | list[bytes]]:
         return await self.call("infer", model, inputs, parameters)
+
+    async def generate(self, model: str, prompt: str | list[int] | None = None, *,
+                       messages: list[dict[str, Any]] | None = None, **options: Any) -> AsyncIterator[dict[str, Any]]:
+        """As ``Client.generate``, an async iterator; ``aclose()`` (or leaving ``async for`` early) cancels."""
+        request = _generation_request(prompt, messages, options)
+        last: ModelsrvError | None = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                await asyncio.sleep(self.backoff * (2 ** (attempt - 1)))
+            conn = self._pick()
+            request_id = next(self.ids)
+            queue: asyncio.Queue = asyncio.Queue()
+            conn.waiting[request_id] = queue
+            await conn.socket.send_multipart([wire.pack({"op": "generate", "id": request_id, "model": model,
+                                                         "parameters": request})])
+            done = admitted = False
+            try:
+                while True:
+                    try:
+                        header = await asyncio.wait_for(queue.get(), self.timeout)
+                    except asyncio.TimeoutError:
+                        header = {"ok": False, "code": 504, "error": f"no reply from {self.address} within {self.timeout:g}s"}
+                    if not header.get("ok"):
+                        done = True
+                        last = ModelsrvError(int(header.get("code", 500)), str(header.get("error")))
+                        if header.get("code") in RETRYABLE and attempt < self.retries and not admitted:
+                            break
+                        raise last
+                    if header.get("accepted"):
+                        admitted = True  # from here on an error is the answer: tokens may have been seen
+                        continue
+                    done = bool(header.get("final"))
+                    yield _chunk(header)
+                    if done:
+                        return
+            finally:
+                conn.waiting.pop(request_id, None)
+                if not done:
+                    try:
+                        await conn.socket.send_multipart([wire.pack({"op": "cancel", "id": request_id})])
+                    except zmq.ZMQError:
+                        pass
+        assert last is not None
+        raise last
 
     async def live(self) -> bool:
         return bool((await self.call("live")).get("live"))

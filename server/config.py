@@ -240,9 +240,13 @@ def load_config(path: str | os.PathLike, prefix: str | os.PathLike | None = None
         )
     except crossplane.errors.NgxParserBaseException as exc:
         raise ConfigError(exc.strerror, exc.filename, exc.lineno) from None
-    if parsed["status"] != "ok":  # pragma: no cover - catch_errors=False raises instead
+    if parsed["status"] != "ok":  # with combine=True, crossplane reports syntax errors here instead of raising
         err = parsed["errors"][0]
-        raise ConfigError(err["error"], err.get("file"), err.get("line"))
+        file, line, message = err.get("file"), err.get("line"), err["error"]
+        if not message:  # the lexer ran out of input inside a quoted string; crossplane says nothing
+            message = "unexpected end of file (an unterminated quote?)"
+            line = line or _last_line(file)
+        raise ConfigError(message.removesuffix(f" in {file}:{line}"), file, line)  # crossplane appends the place
 
     cfg = Config(file=path, prefix=Path(prefix).absolute() if prefix else path.parent.parent)
     cfg.gpus = count_gpus()
@@ -255,6 +259,13 @@ def load_config(path: str | os.PathLike, prefix: str | os.PathLike | None = None
         _apply_main(cfg, d)
     _resolve(cfg, check_models)
     return cfg
+
+
+def _last_line(file: str | None) -> int | None:
+    try:
+        return max(1, len(Path(file).read_text().splitlines())) if file else None
+    except OSError:
+        return None
 
 
 def _apply_main(cfg: Config, d: _Directive) -> None:
@@ -433,6 +444,8 @@ def _resolve(cfg: Config, check_models: bool) -> None:
                 raise ConfigError(f'model "{model.name}": no worker {bad[0]} (worker_processes {cfg.worker_processes})', file, line)
         if model.device.startswith("cuda") and cfg.gpus == 0:
             raise ConfigError(f'model "{model.name}": device {model.device} but no GPU is visible', file, line)
+        if model.tensor_parallel > 1:
+            _check_tensor_parallel(cfg, model, False, file, line)  # what needs no model folder, first
         if check_models:
             try:
                 model.model_type = check_model_folder(model.path)
@@ -442,8 +455,8 @@ def _resolve(cfg: Config, check_models: bool) -> None:
             if extra and model.model_type not in GENERATIVE_TYPES:
                 raise ConfigError(f'model "{model.name}": "{extra[0]}" applies to text generation models '
                                   f'({", ".join(sorted(GENERATIVE_TYPES))}), not {model.model_type}', file, line)
-        if model.tensor_parallel > 1:
-            _check_tensor_parallel(cfg, model, check_models, file, line)
+        if model.tensor_parallel > 1 and check_models:
+            _check_tensor_parallel(cfg, model, True, file, line)
     taken: dict[int, str] = {}
     for g in cfg.tp_groups():
         for slot in g.slots:

@@ -20,14 +20,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO.parent / "shared" / "fixtures"
+FIXTURES = REPO / "tests" / "fixtures"  # reference cases, described in tests/fixtures/README.md
 BIN = REPO / "bin" / "modelsrv"
 
 
 def fixture_path(*parts: str) -> Path:
     path = FIXTURES.joinpath(*parts)
     if not path.exists():
-        pytest.fail(f"reference fixture {path} is missing: tests need ../shared/fixtures beside the repo")
+        pytest.fail(f"reference fixture {path} is missing (tests/fixtures/README.md lists them)")
     return path
 
 
@@ -120,10 +120,13 @@ class Server:
         self.conf.write_text(text if text is not None else self.conf_text(models))
 
     # -- processes -------------------------------------------------------------------------------
-    def start(self, wait: bool = True) -> Server:
+    def start(self, wait: bool = True, command: list[str] | None = None) -> Server:
+        """Run ``bin/modelsrv -c CONF`` (or ``command``, from the repository root) and wait until it serves."""
         self.stdout = self.prefix / "stdout.log"  # a file, not a pipe: a full pipe would block the master
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
         with open(self.stdout, "ab") as out:
-            self.proc = subprocess.Popen([str(BIN), "-c", str(self.conf)], stdout=out, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(command or [str(BIN), "-c", str(self.conf)], stdout=out, stderr=subprocess.STDOUT,
+                                         cwd=REPO, env=env)
         self.started_pids.add(self.proc.pid)
         if wait:
             self.wait_ready()
@@ -236,6 +239,19 @@ def make_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
         s.stop()
 
 
+def metric(url: str, name: str, **labels: str) -> float:
+    """The sum over workers of the samples of ``name`` whose labels include ``labels`` (0 if none)."""
+    import re
+
+    text = http("GET", url + "/metrics")[2].decode()
+    total = 0.0
+    for found, value in re.findall(rf"^{re.escape(name)}(?:{{(.*)}})? (\S+)$", text, re.M):
+        have = dict(re.findall(r'(\w+)="([^"]*)"', found))
+        if all(have.get(k) == v for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
 def infer_json(url: str, model: str, inputs: list[dict], timeout: float = 30.0, **kw):
     body = json.dumps({"inputs": inputs, **kw}).encode()
     status, headers, data = http("POST", f"{url}/v2/models/{model}/infer", body, {"Content-Type": "application/json"}, timeout)
@@ -277,6 +293,12 @@ class Load:
         self.stop_event.set()
         for t in self.threads:
             t.join(60)
+
+    def wait_served(self, more: int = 5, timeout: float = 30.0) -> None:
+        """Wait until ``more`` further requests have succeeded: the load is flowing now (not a fixed sleep)."""
+        target = self.ok + more
+        wait_for(lambda: self.ok >= target, timeout, 0.02,
+                 f"{more} more {self.kind} requests served (failures: {self.failures[:3]})")
 
     def _record(self, ok: bool, why: str = "") -> None:
         with self.lock:

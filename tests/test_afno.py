@@ -14,16 +14,16 @@ from safetensors.torch import load_file
 from models import InputError, load_model
 from models.afno import AFNO2D, AFNOConfig, convert_afno, random_afno_folder
 from models.convert import main as convert_main
+from tests.conftest import FIXTURES
 
 torch.set_num_threads(1)
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 CASE_DIR = FIXTURES / "afno_small"
 
 
 def _case_dir() -> Path:
     if not (CASE_DIR / "case.json").is_file():
-        pytest.fail(f"fixture missing: {CASE_DIR} (expected ../shared/fixtures/afno_small from the repo root)")
+        pytest.fail(f"fixture missing: {CASE_DIR} (tests/fixtures/README.md lists them)")
     return CASE_DIR
 
 

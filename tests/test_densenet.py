@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from models import InputError, load_model
 from models.convert import main as convert_main
 from models.densenet import (
+    DenseNetConfig,
     DenseNetModel,
     center_crop,
     convert_densenet,
@@ -23,17 +24,17 @@ from models.densenet import (
     random_densenet_folder,
     resized_size,
 )
+from tests.conftest import FIXTURES
 
 torch.set_num_threads(1)
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 TINY_CONFIG = {"growth_rate": 4, "block_config": [1, 2], "num_init_features": 8, "bn_size": 2, "num_classes": 3}
 
 
 def fixture(name: str) -> Path:
     path = FIXTURES / name
     if not (path / "case.json").is_file():
-        pytest.fail(f"fixture {path} is missing (expected ../shared/fixtures/{name} beside the repo)")
+        pytest.fail(f"fixture {path} is missing (tests/fixtures/README.md lists them)")
     return path
 
 
@@ -277,3 +278,15 @@ def test_random_folder_default_is_densenet121(tmp_path):
     }
     state = load_file(folder / "model.safetensors")
     assert sum(v.numel() for k, v in state.items() if "running" not in k and "num_batches" not in k) == 7_978_856
+
+
+def test_config_validates_and_round_trips():
+    cfg = DenseNetConfig.from_dict({"model_type": "densenet", **TINY_CONFIG})
+    assert cfg.block_config == (1, 2) and cfg.channels_last is None
+    assert DenseNetConfig.from_dict(cfg.to_json()) == cfg and cfg.to_json()["block_config"] == [1, 2]
+    assert "channels_last" not in cfg.to_json()
+    assert DenseNetConfig.from_dict({"channels_last": True}).to_json()["channels_last"] is True
+    for bad, message in [({"growth_rate": 0}, "growth_rate"), ({"block_config": []}, "block_config"),
+                         ({"num_classes": True}, "num_classes"), ({"channels_last": "yes"}, "channels_last")]:
+        with pytest.raises(ValueError, match=message):
+            DenseNetConfig.from_dict(bad)

@@ -9,9 +9,11 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml  # PyYAML: a test dependency (pyproject's test extra)
 
 from server.config import load_config, parse_time
@@ -163,7 +165,11 @@ def _unit() -> dict[str, list[str]]:
 def test_systemd_unit() -> None:
     u = _unit()
     one = {k: v[-1] for k, v in u.items()}
-    assert one["Service.Type"] == "simple"
+    assert one["Service.Type"] == "notify"  # the master speaks sd_notify (server/processes/sdnotify.py)
+    assert one["Service.NotifyAccess"] == "all"  # the new master of a binary upgrade sends MAINPID=
+    # start waits for READY=1, i.e. the models loaded: cover worker_load_timeout
+    assert parse_time(one["Service.TimeoutStartSec"]) > load_config(
+        REPO / "conf" / "srv.conf", Path(INSTALL_DIR), check_models=False).worker_load_timeout
     assert one["Service.ExecStart"] == f"{INSTALL_DIR}/bin/modelsrv -c {INSTALL_DIR}/conf/srv.conf"
     assert any("HUP" in r and "$MAINPID" in r for r in u["Service.ExecReload"])
     assert u["Service.ExecReload"][-1] == "/bin/kill -HUP $MAINPID"
@@ -176,6 +182,42 @@ def test_systemd_unit() -> None:
     assert not cfg.daemon
     assert one["Service.PIDFile"] == str(cfg.pid)
     assert parse_time(one["Service.TimeoutStopSec"]) > cfg.worker_shutdown_timeout + 5
+
+
+def _verify_units(tmp_path: Path, dropin: bool) -> str:
+    """``systemd-analyze verify`` of the unit (paths moved to this checkout); its complaints."""
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.skip("systemd-analyze not installed: apt-get install -y systemd")
+    unit = tmp_path / "modelsrv.service"
+    unit.write_text(UNIT.read_text().replace(INSTALL_DIR, str(REPO)))
+    if dropin:
+        (tmp_path / "modelsrv.service.d").mkdir()
+        shutil.copy(UNIT.parent / "notify-reload.conf", tmp_path / "modelsrv.service.d" / "notify-reload.conf")
+    r = subprocess.run([tool, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    if "Failed to initialize" in r.stderr or "Failed to set up" in r.stderr:
+        pytest.skip(f"systemd-analyze verify cannot run here: {r.stderr.strip()[:200]}")
+    problems = [line for line in (r.stdout + r.stderr).splitlines() if "modelsrv" in line]
+    return "\n".join(problems) if r.returncode == 0 else f"exit {r.returncode}: {r.stderr}"
+
+
+def _systemd_version() -> int:
+    r = subprocess.run(["systemd-analyze", "--version"], capture_output=True, text=True, timeout=30)
+    m = re.match(r"systemd (\d+)", r.stdout)
+    return int(m.group(1)) if m else 0
+
+
+def test_systemd_unit_verifies(tmp_path: Path) -> None:
+    assert _verify_units(tmp_path, dropin=False) == ""
+
+
+def test_systemd_notify_reload_dropin(tmp_path: Path) -> None:
+    text = (UNIT.parent / "notify-reload.conf").read_text()
+    lines = [line for line in text.splitlines() if line and not line.startswith("#")]
+    assert lines == ["[Service]", "Type=notify-reload", "ReloadSignal=SIGHUP", "ExecReload="]
+    if shutil.which("systemd-analyze") and _systemd_version() < 253:
+        pytest.skip(f"systemd {_systemd_version()} here: Type=notify-reload needs systemd >= 253 to verify")
+    assert _verify_units(tmp_path, dropin=True) == ""
 
 
 def test_logrotate_reopens_with_usr1() -> None:

@@ -23,6 +23,7 @@ from models.detr3d import (
     DEFAULT_CONFIG,
     FPN,
     Detr3D,
+    Detr3DConfig,
     Detr3DCrossAtten,
     ModulatedDeformConv2dPack,
     convert_detr3d,
@@ -32,7 +33,6 @@ from models.detr3d import (
     inverse_sigmoid,
     modulated_deform_conv2d,
     normalize_bbox,
-    parse_config,
     random_detr3d_folder,
     ring_lidar2img,
 )
@@ -370,7 +370,7 @@ def test_fpn_extra_levels_relu_only_before_the_second():
 
 
 def test_released_parameter_names_and_shapes():
-    cfg = parse_config({})
+    cfg = Detr3DConfig.from_dict({})
     state = build_on_meta(lambda: Detr3D(cfg)).state_dict()
     expected = {
         "img_backbone.conv1.weight": (64, 3, 7, 7),
@@ -407,14 +407,17 @@ def test_released_parameter_names_and_shapes():
     assert backbone.layer2[0].conv1.stride == (2, 2) and backbone.layer2[0].conv2.stride == (1, 1)
     assert backbone.layer3[0].conv1.stride == (2, 2) and backbone.layer3[0].conv2.stride == 1  # a DCN
     # The converter reads the released architecture back off these weights.
-    inferred = parse_config(infer_config(state))
+    inferred = Detr3DConfig.from_dict(infer_config(state))
     assert inferred == cfg
+    assert Detr3DConfig.from_dict(cfg.to_json()) == cfg and cfg.to_json() == DEFAULT_CONFIG
+    with pytest.raises(ValueError, match="unknown keys"):
+        Detr3DConfig.from_dict({"num_querys": 10})
 
 
 def test_decoder_refines_reference_points():
     """Layer l+1 is given sigmoid(reg_l[0:2] + logit(ref_l[0:2]), reg_l[4:5] + logit(ref_l[2])); the
     boxes use the last layer's reg output on the reference that layer was given."""
-    cfg = parse_config(
+    cfg = Detr3DConfig.from_dict(
         {"depth": 18, "base_channels": 4, "dcn_stages": [False] * 4, "embed_dims": 16, "num_heads": 2,
          "feedforward_channels": 16, "num_layers": 3, "num_query": 5, "num_classes": 2, "num_cams": 2, "max_num": 4}
     )

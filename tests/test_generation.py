@@ -141,6 +141,7 @@ def test_stop_strings_never_leak_and_logprobs(model, reference):
         assert all(len(c["top_logprobs"][0]) == 2 for c in chunks)
         # greedy: the chosen token is the most likely one
         assert all(c["top_logprobs"][0][0][0] == c["token_ids"][0] for c in chunks)
+        assert all(c["top_logprobs"][0][0][2] == c["tokens"][0] for c in chunks)
         assert chunks[-1]["completion_tokens"] == len(ids)
         assert e.blocks.used == 0
         e.stop()

@@ -315,8 +315,15 @@ def test_load_refuses_wrong_weights_and_configs(tmp_path: Path) -> None:
         {"fpn_feature_size": 48},
     ):
         with pytest.raises(ValueError):
-            mf.parse_config({**mf.tiny_config(), **change})
+            mf.MaskFormerConfig.from_dict({**mf.tiny_config(), **change})
     hub_style = {"model_type": "maskformer", "id2label": {str(i): str(i) for i in range(150)}}
-    s = mf.parse_config(hub_style)  # no backbone/decoder config: transformers' defaults (swin-base, 100 queries)
+    s = mf.MaskFormerConfig.from_dict(hub_style)  # no backbone/decoder config: transformers' defaults (swin-base, 100 queries)
     assert s.num_labels == 150 and s.decoder.num_queries == 100 and s.backbone.embed_dim == 128
     assert s.backbone.out_indices == (1, 2, 3, 4) and s.size_multiple == 32 and s.mask_stride == 4
+
+
+@pytest.mark.parametrize("backbone", ["swin", "resnet"])
+def test_config_round_trip(backbone: str) -> None:
+    cfg = mf.MaskFormerConfig.from_dict(mf.tiny_config(backbone=backbone))
+    assert mf.MaskFormerConfig.from_dict(cfg.to_json()) == cfg
+    assert mf.MaskFormerConfig.from_dict(json.loads(json.dumps(cfg.to_json()))) == cfg

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN, Load, alive, fixture_path, http, infer_json, title, wait_for
+from tests.conftest import BIN, Load, alive, fixture_path, http, infer_json, metric, title, wait_for
 
 TINY = fixture_path("densenet_tiny", "model")
 SMALL_IMAGE = [{"name": "images", "datatype": "FP32", "shape": [1, 3, 32, 32], "data": [0.5] * (3 * 32 * 32)}]
@@ -107,7 +107,10 @@ def test_quit_finishes_every_inflight_request(make_server) -> None:
         c = http.client.HTTPConnection("127.0.0.1", s.http_port, timeout=60)
         c.request("POST", "/v2/models/tiny/infer", body, {"Content-Type": "application/json"})
         conns.append(c)
-    time.sleep(0.3)
+    # every request accepted by the worker (queued, running or answered) before QUIT
+    wait_for(lambda: metric(s.url, "modelsrv_inflight_requests", model="tiny")
+             + metric(s.url, "modelsrv_requests_total", model="tiny", protocol="http") >= 8, 30,
+             what="the 8 requests accepted by the worker")
     s.signal(signal.SIGQUIT)
     quit_at = time.monotonic()
     answers = []
@@ -137,11 +140,13 @@ def test_hup_adds_a_model_under_load_with_zero_failures(make_server) -> None:
     assert infer_json(s.url, "second", SMALL_IMAGE)[0] == 404
     old = set(s.worker_pids())
     with Load(s, "tiny", "http", threads=4) as load_http, Load(s, "tiny", "zmq", threads=2) as load_zmq:
-        time.sleep(0.5)
+        load_http.wait_served(6)
+        load_zmq.wait_served(6)
         s.write_conf(models={**s.models, "second": {"path": str(TINY)}})
         s.signal(signal.SIGHUP)
         wait_for(lambda: not (set(s.worker_pids()) & old) and len(s.worker_pids()) == 2, 60, what="old workers retired")
-        time.sleep(0.5)
+        load_http.wait_served(5)  # served by the new generation alone
+        load_zmq.wait_served(5)
     assert load_http.failures == [] and load_zmq.failures == []
     assert load_http.ok > 10 and load_zmq.ok > 10
     status, out = infer_json(s.url, "second", SMALL_IMAGE)
@@ -169,8 +174,8 @@ def test_hup_whose_new_workers_fail_to_load_keeps_old_generation(make_server, tm
     s.write_conf(models={**s.models, "bad": {"path": str(bad)}})
     s.signal(signal.SIGHUP)
     wait_for(lambda: "reload aborted" in s.log_text(), 60, what="the aborted reload")
-    time.sleep(1)
-    assert set(s.worker_pids()) == workers
+    wait_for(lambda: set(s.worker_pids()) == workers, 20, what="the new generation gone")
+    assert s.log_text().count("start worker process") == 4  # two old, two new, none respawned
     assert infer_json(s.url, "tiny", SMALL_IMAGE)[0] == 200
 
 
@@ -213,12 +218,12 @@ def test_kill9_worker_under_load_respawns_in_its_slot(make_server) -> None:
     victim = next(p for p in s.worker_pids() if title(p).endswith("#1 (cpu)"))
     pinning = os.sched_getaffinity(victim)
     with Load(s, "tiny", "zmq", threads=3) as load:
-        time.sleep(0.5)
+        load.wait_served(6)
         os.kill(victim, signal.SIGKILL)
         new = wait_for(lambda: [p for p in s.worker_pids() if p != victim and title(p).endswith("#1 (cpu)")], 30,
                        what="a new worker #1")[0]
         wait_for(lambda: s.ready_count() >= 3, 30, what="the new worker ready")
-        time.sleep(0.5)
+        load.wait_served(5)
     assert load.failures == [] and load.ok > 10
     assert os.sched_getaffinity(new) == pinning
     assert "exited on signal 9 (SIGKILL)" in s.log_text()
@@ -251,7 +256,8 @@ def test_usr2_winch_quit_upgrade_under_load(make_server) -> None:
     s = make_server().start()
     old_workers = set(s.worker_pids())
     with Load(s, "tiny", "http", threads=3) as load_http, Load(s, "tiny", "zmq", threads=2) as load_zmq:
-        time.sleep(0.3)
+        load_http.wait_served(6)
+        load_zmq.wait_served(6)
         old_master, new_master, oldbin = start_new_binary(s)
         s.wait_ready(60, workers=2, master=new_master)
         s.signal(signal.SIGWINCH, old_master)
@@ -259,7 +265,8 @@ def test_usr2_winch_quit_upgrade_under_load(make_server) -> None:
         assert alive(old_master)
         s.signal(signal.SIGQUIT, old_master)
         wait_for(lambda: not alive(old_master), 30, what="old master gone")
-        time.sleep(0.3)
+        load_http.wait_served(5)  # served by the new master's workers alone
+        load_zmq.wait_served(5)
     assert load_http.failures == [] and load_zmq.failures == []
     assert load_http.ok > 10 and load_zmq.ok > 10
     assert not oldbin.exists() and s.master_pid() == new_master
@@ -278,10 +285,10 @@ def test_usr2_rollback(make_server) -> None:
         s.signal(signal.SIGHUP, old_master)  # rollback: the old master starts workers again
         wait_for(lambda: len(s.worker_pids(old_master)) == 2, 30, what="old master's workers back")
         wait_for(lambda: s.ready_count(old_master) >= 4, 30, what="old master's new workers ready")
-        time.sleep(0.5)
+        load.wait_served(3)
         s.signal(signal.SIGQUIT, new_master)
         wait_for(lambda: not alive(new_master), 30, what="new master gone")
-        time.sleep(0.5)
+        load.wait_served(3)  # served by the old master's workers alone
     assert load.failures == [] and load.ok > 5
     wait_for(lambda: not oldbin.exists() and s.pid_file.exists() and s.master_pid() == old_master, 10, what="pid file restored")
     assert infer_json(s.url, "tiny", SMALL_IMAGE)[0] == 200
@@ -376,8 +383,9 @@ def test_term_during_a_graceful_quit_wins(make_server) -> None:
     s = make_server().start()
     stuck = s.worker_pids()[0]
     os.kill(stuck, signal.SIGSTOP)  # a worker that will never finish its drain
+    master = s.master_pid()
     s.signal(signal.SIGQUIT)
-    time.sleep(0.5)
+    wait_for(lambda: f" {master}#-: gracefully shutting down" in s.log_text(), 20, what="the master to begin its quit")
     s.signal(signal.SIGTERM)
     t0 = time.monotonic()
     assert s.wait_exit(15) == 0

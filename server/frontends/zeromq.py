@@ -7,6 +7,11 @@ requests (marked ``fwd``, never forwarded again).
 
 Draining happens in the protocol: a draining worker still answers, marks each reply
 ``closing`` so clients reconnect elsewhere, and closes once it has been idle for a moment.
+
+``generate`` is answered with a sequence of replies to one request id: an acceptance
+(``accepted: true``, ``prompt_tokens``), then one reply per chunk of text, the last with
+``final: true`` (an error reply also ends the stream). ``cancel`` with the same id, from the
+same connection, stops it (a ZeroMQ ROUTER cannot see a client go away).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ class ZmqServer:
         self.last_request = time.monotonic()
         self.draining = False
         self.drops, self.drop_logged = 0, 0.0
+        self.streams: dict[tuple[str, bytes, bytes], asyncio.Task] = {}  # (protocol, identity, packed id) -> generation
 
     def bind_inherited(self, sock: socket.socket, host: str, port: int) -> None:
         router = self._router()
@@ -94,15 +100,17 @@ class ZmqServer:
             self.inflight += 1
             loop.create_task(self._handle(router, protocol, frames))
 
-    def _send(self, router: zmq.Socket, frames: list[Any], protocol: str) -> None:
+    def _send(self, router: zmq.Socket, frames: list[Any], protocol: str) -> bool:
+        """Send one reply; False if it was dropped (the client is gone or not reading)."""
         try:
             router.send_multipart(frames, zmq.NOBLOCK, copy=False)
         except zmq.ZMQError as exc:  # the client is gone, or its pipe is full (send high-water mark)
             self._dropped(exc)
-            return
+            return False
         # a send can consume the FD's edge for messages that arrived meanwhile: look again
         if router.getsockopt(zmq.EVENTS) & POLLIN:
             asyncio.get_running_loop().call_soon(self._drain, router, protocol)
+        return True
 
     async def _handle(self, router: zmq.Socket, protocol: str, frames: list[Any]) -> None:
         started = time.perf_counter()
@@ -119,6 +127,19 @@ class ZmqServer:
             if isinstance(header.get("v"), int) and header["v"] > wire.VERSION:
                 raise wire.WireError(f"protocol version {header['v']} is newer than this server's ({wire.VERSION})")
             op = header.get("op")
+            if op == "generate":
+                if not isinstance(header.get("model"), str):
+                    raise wire.WireError("generate needs a 'model' name (a string)")
+                model = header["model"]
+                forwarded = protocol == "peer" and bool(header.get("fwd"))
+                code = await self._generate(router, protocol, identity, header, forwarded, extra)
+                self._log(protocol, model, code, frames, [], started, None, op="generate")
+                return
+            if op == "cancel":
+                task = self.streams.get((protocol, bytes(identity.bytes), wire.pack({"id": request_id})))
+                if task is not None:
+                    task.cancel()
+                return  # no reply
             if op == "infer":
                 if not isinstance(header.get("model"), str):
                     raise wire.WireError("infer needs a 'model' name (a string)")
@@ -142,10 +163,39 @@ class ZmqServer:
             message = "internal server error (logged by the server)" if code == 500 else str(exc) or type(exc).__name__
             reply = wire.reply_error(request_id, code, message, **extra)
             if model != "-":
-                self._log(protocol, model, code, frames, reply, started, None)
+                self._log(protocol, model, code, frames, reply, started, None,
+                          op="generate" if header_op(frames) == "generate" else "infer")
         finally:
             self.inflight -= 1
         self._send(router, [identity, *reply], protocol)
+
+    async def _generate(self, router: zmq.Socket, protocol: str, identity: Any, header: dict[str, Any],
+                        forwarded: bool, extra: dict[str, Any]) -> int:
+        """Stream one generation as replies to its id. Errors before acceptance are raised (one error reply)."""
+        request_id = header.get("id")
+        request = header.get("parameters") or {}
+        if not isinstance(request, dict):
+            raise wire.WireError("'parameters' (the generation request) must be a map")
+        stream = await self.engine.generate(header["model"], request, forwarded=forwarded)
+        key = (protocol, bytes(identity.bytes), wire.pack({"id": request_id}))
+        task = asyncio.current_task()
+        assert task is not None
+        self.streams[key] = task
+        try:
+            self._send(router, [identity, wire.pack({"id": request_id, "ok": True, "final": False, "accepted": True,
+                                                     "prompt_tokens": stream.prompt_tokens, **extra})], protocol)
+            async for chunk in stream:
+                final = chunk.get("finish_reason") is not None
+                closing = {"closing": True} if self.draining and protocol == "zmq" else {}  # a drain may begin mid-stream
+                if not self._send(router, [identity, wire.pack({"id": request_id, "ok": True, "final": final, **chunk,
+                                                                **closing})], protocol):
+                    return 499  # a stream with a hole in it is no use: stop generating for a client gone
+            return 200
+        except asyncio.CancelledError:
+            return 499  # cancelled by the client: nothing more to send
+        finally:
+            stream.cancel()
+            self.streams.pop(key, None)
 
     def _control(self, op: Any, header: dict[str, Any]) -> dict[str, Any]:
         if op == "live":
@@ -162,16 +212,17 @@ class ZmqServer:
             if meta is None:
                 raise NotFound(f"unknown model {header.get('model')!r}")
             return {"metadata": meta}
-        raise BadRequest(f"unknown op {op!r} (infer, live, ready, models, metadata)")
+        raise BadRequest(f"unknown op {op!r} (infer, generate, cancel, live, ready, models, metadata)")
 
-    def _log(self, protocol: str, model: str, code: int, frames: list[Any], reply: list[Any], started: float, timing: Any) -> None:
-        if protocol == "zmq":
+    def _log(self, protocol: str, model: str, code: int, frames: list[Any], reply: list[Any], started: float, timing: Any,
+             op: str = "infer") -> None:
+        if protocol == "zmq" and code != 499:
             metrics.observe_request(self.engine.metric_label(model), "zmq", "ok" if code == 200 else str(code),
                                     time.perf_counter() - started)
         size_in = sum(len(f.buffer) if hasattr(f, "buffer") else len(f) for f in frames[1:])
         size_out = sum(len(f) if isinstance(f, (bytes, bytearray)) else memoryview(f).nbytes for f in reply)
         q, c, b = (f"{timing.queue_ms:.2f}", f"{timing.compute_ms:.2f}", timing.batch_size) if timing else ("-", "-", "-")
-        self.access(f'- [{access_stamp()}] {protocol} "infer {model}" {code} model={model} in={size_in} out={size_out} '
+        self.access(f'- [{access_stamp()}] {protocol} "{op} {model}" {code} model={model} in={size_in} out={size_out} '
                     f"queue_ms={q} compute_ms={c} batch={b} rt_ms={(time.perf_counter() - started) * 1000:.2f}")
 
     def _dropped(self, exc: zmq.ZMQError) -> None:
@@ -191,3 +242,11 @@ class ZmqServer:
         for s in self.sockets:
             loop.remove_reader(s.FD)
             s.close(linger=500)
+
+
+def header_op(frames: list[Any]) -> Any:
+    """The op of a request whose handling failed (for its access-log line)."""
+    try:
+        return wire.unpack(frames[1].buffer).get("op")
+    except Exception:
+        return None

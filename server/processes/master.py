@@ -26,7 +26,7 @@ from pathlib import Path
 from server import __version__
 from server.config import Config, ConfigError, listener_keys, load_config, slot_cores, slot_gpu
 from server.logs import EMERG, Logs, log
-from server.processes import listeners, pidfile
+from server.processes import listeners, pidfile, sdnotify
 from server.processes.channel import EXIT_FATAL, HEARTBEAT_EVERY, Channel
 from server.processes.daemon import daemonize
 from server.processes.tpgroups import TensorParallelGroups
@@ -78,6 +78,7 @@ class Master(TensorParallelGroups):
         self.logs: Logs | None = None
         self.selector = selectors.DefaultSelector()
         self._tp_setup()
+        self.sd = sdnotify.ServiceNotifier()  # systemd readiness (NOTIFY_SOCKET); a no-op without it
 
     # -- start -----------------------------------------------------------------------------------
     def run(self) -> int:
@@ -136,82 +137,93 @@ class Master(TensorParallelGroups):
     # -- the cycle -------------------------------------------------------------------------------
     def cycle(self) -> int:
         while True:
+            self.sd.update(self)  # tell systemd what changed in the last turn (READY, STOPPING, ...)
             self._wait(self._next_timeout())
-            now = time.monotonic()
+            code = self.step(time.monotonic())
+            if code is not None:
+                return code
 
-            if self.reap:
-                self.reap = False
-                self._reap_children()
-                if self._live_workers() == 0 and (self.terminate or self.quit):
-                    return self.exit_code
-                if self._nothing_can_serve():
-                    log.log(EMERG, "no worker can serve: every worker failed to load its models")
-                    self.terminate = True
-                    self.exit_code = 1
+    def step(self, now: float) -> int | None:
+        """One turn of the cycle, after the wait: act on the flags in nginx's order.
 
-            if self.terminate:  # also when it comes during a graceful quit: TERM overrides QUIT
-                if self.terminating_since is None:
-                    self.terminating_since = now
-                    log.info("terminating")
-                    self.pending_generation = None
-                    for w in self.workers.values():
-                        w.respawn = False
-                        w.state = "exiting"
-                        w.term_delay = 0.05
-                        w.kill_at = now + 0.05
-                        self._signal(w, signal.SIGTERM)
-                self._escalate_terminate(now)
-                if self._live_workers() == 0:
-                    return self.exit_code
-                continue
+        Returns the master's exit status when the cycle is over, else None. Tests drive a Master
+        through it with fake workers (``_spawn``, ``_signal`` and ``_reap_children`` replaced).
+        """
+        if self.reap:
+            self.reap = False
+            self._reap_children()
+            if self._live_workers() == 0 and (self.terminate or self.quit):
+                return self.exit_code
+            if self._nothing_can_serve():
+                log.log(EMERG, "no worker can serve: every worker failed to load its models")
+                self.terminate = True
+                self.exit_code = 1
 
-            if self.quit:
-                if self.quitting_since is None:
-                    self.quitting_since = now
-                    log.info("gracefully shutting down")
-                    self.pending_generation = None
-                    self._quit_workers(list(self.workers.values()))
-                    self._close_listeners()
-                if self._live_workers() == 0:
-                    return 0
-                self._kill_overdue(now)
-                continue
-
-            if self.reconfigure and self.pending_generation is None:
-                self.reconfigure = False
-                log.info("reconfiguring")
-                self._reconfigure()
-
-            if self.restart:  # after noaccept, a HUP brings workers back (rollback of an upgrade)
-                self.restart = False
-                self.noaccepting = False
-                self.generation = self._new_generation()
-                for slot in range(self.cfg.worker_processes):
-                    self._spawn(slot, self.generation, self.cfg)
-
-            if self.reopen:
-                self.reopen = False
-                self.logs.reopen()
+        if self.terminate:  # also when it comes during a graceful quit: TERM overrides QUIT
+            if self.terminating_since is None:
+                self.terminating_since = now
+                log.info("terminating")
+                self.pending_generation = None
                 for w in self.workers.values():
-                    w.channel.send({"cmd": "reopen"}) or self._signal(w, signal.SIGUSR1)
+                    w.respawn = False
+                    w.state = "exiting"
+                    w.term_delay = 0.05
+                    w.kill_at = now + 0.05
+                    self._signal(w, signal.SIGTERM)
+            self._escalate_terminate(now)
+            if self._live_workers() == 0:
+                return self.exit_code
+            return None
 
-            if self.change_binary:
-                self.change_binary = False
-                log.info("changing binary")
-                self._exec_new_binary()
-
-            if self.noaccept:
-                self.noaccept = False
-                self.noaccepting = True
-                log.info("gracefully shutting down workers (noaccept)")
+        if self.quit:
+            if self.quitting_since is None:
+                self.quitting_since = now
+                log.info("gracefully shutting down")
                 self.pending_generation = None
                 self._quit_workers(list(self.workers.values()))
-
-            self._check_pending_generation()
-            self._tp_check(now)
-            self._respawn_due(now)
-            self._check_heartbeats(now)
+                self._close_listeners()
+            if self._live_workers() == 0:
+                return 0
             self._kill_overdue(now)
+            return None
+
+        if self.reconfigure and self.pending_generation is None:
+            self.reconfigure = False
+            log.info("reconfiguring")
+            self.sd.reloading(self)  # RELOADING=1 before the new config is read; READY=1 when it is over
+            self._reconfigure()
+
+        if self.restart:  # after noaccept, a HUP brings workers back (rollback of an upgrade)
+            self.restart = False
+            self.noaccepting = False
+            self.generation = self._new_generation()
+            for slot in range(self.cfg.worker_processes):
+                self._spawn(slot, self.generation, self.cfg)
+
+        if self.reopen:
+            self.reopen = False
+            self.logs.reopen()
+            for w in self.workers.values():
+                w.channel.send({"cmd": "reopen"}) or self._signal(w, signal.SIGUSR1)
+
+        if self.change_binary:
+            self.change_binary = False
+            log.info("changing binary")
+            self._exec_new_binary()
+
+        if self.noaccept:
+            self.noaccept = False
+            self.noaccepting = True
+            log.info("gracefully shutting down workers (noaccept)")
+            self.pending_generation = None
+            self._quit_workers(list(self.workers.values()))
+
+        self._check_pending_generation()
+        self._tp_check(now)
+        self._respawn_due(now)
+        self._check_heartbeats(now)
+        self._kill_overdue(now)
+        return None
 
     def _next_timeout(self) -> float:
         timeout = HEARTBEAT_EVERY
@@ -373,45 +385,49 @@ class Master(TensorParallelGroups):
                 return
             if pid == self.new_binary_pid:
                 self._new_binary_exited(status)
-                continue
-            w = self.workers.pop(pid, None)
-            if w is None:
-                continue
-            try:
-                self.selector.unregister(w.channel)
-            except (KeyError, ValueError):
-                pass
-            w.channel.close()
-            self._forget_metrics(pid)
-            self._remove_worker_files(w)
-            self._broadcast_peers()  # peers waiting on it learn at once, and retry elsewhere
-            how = self._describe_status(status)
-            expected = w.state == "exiting"
-            (log.info if expected else log.error)("worker process %d #%d %s", pid, w.slot, how)
-            fatal = os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_FATAL
+            else:
+                self._worker_exited(pid, status)
+
+    def _worker_exited(self, pid: int, status: int) -> None:
+        """A child reaped with ``status`` (as waitpid gives it): clean up after it, decide whether it comes back."""
+        w = self.workers.pop(pid, None)
+        if w is None:
+            return
+        try:
+            self.selector.unregister(w.channel)
+        except (KeyError, ValueError):
+            pass
+        w.channel.close()
+        self._forget_metrics(pid)
+        self._remove_worker_files(w)
+        self._broadcast_peers()  # peers waiting on it learn at once, and retry elsewhere
+        how = self._describe_status(status)
+        expected = w.state == "exiting"
+        (log.info if expected else log.error)("worker process %d #%d %s", pid, w.slot, how)
+        fatal = os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_FATAL
+        if fatal:
+            w.respawn = False
+            if w.generation == self.pending_generation:
+                log.error("new workers failed to load: reload aborted, the old configuration keeps serving")
+                self._abort_pending_generation()
+                return
+        stopping = self.terminate or self.quit or self.noaccepting
+        if (not expected and not stopping and w.generation in (self.generation, self.pending_generation)
+                and self._tp_member_exited(w, fatal)):
+            return  # its group goes down and comes back as one (server/processes/tpgroups.py)
+        if expected or not w.respawn or stopping:
             if fatal:
-                w.respawn = False
-                if w.generation == self.pending_generation:
-                    log.error("new workers failed to load: reload aborted, the old configuration keeps serving")
-                    self._abort_pending_generation()
-                    continue
-            stopping = self.terminate or self.quit or self.noaccepting
-            if (not expected and not stopping and w.generation in (self.generation, self.pending_generation)
-                    and self._tp_member_exited(w, fatal)):
-                continue  # its group goes down and comes back as one (server/processes/tpgroups.py)
-            if expected or not w.respawn or stopping:
-                if fatal:
-                    log.error("worker #%d is not respawned: it cannot load its models (see above)", w.slot)
-                continue
-            if w.generation != self.generation and w.generation != self.pending_generation:
-                continue  # an old generation is being retired
-            quick = time.monotonic() - w.started < 10
-            n = self.failures.get(w.slot, 0) + 1 if quick else 0
-            self.failures[w.slot] = n
-            delay = min(10.0, 0.1 * (2**n)) if n else 0.0
-            if delay:
-                log.warning("worker #%d died %d time(s) in a row shortly after start: respawn in %.1fs", w.slot, n, delay)
-            self.respawn_at[(w.slot, w.generation)] = time.monotonic() + delay
+                log.error("worker #%d is not respawned: it cannot load its models (see above)", w.slot)
+            return
+        if w.generation != self.generation and w.generation != self.pending_generation:
+            return  # an old generation is being retired
+        quick = time.monotonic() - w.started < 10
+        n = self.failures.get(w.slot, 0) + 1 if quick else 0
+        self.failures[w.slot] = n
+        delay = min(10.0, 0.1 * (2**n)) if n else 0.0
+        if delay:
+            log.warning("worker #%d died %d time(s) in a row shortly after start: respawn in %.1fs", w.slot, n, delay)
+        self.respawn_at[(w.slot, w.generation)] = time.monotonic() + delay
 
     def _respawn_due(self, now: float) -> None:
         for (slot, generation), when in list(self.respawn_at.items()):
@@ -496,6 +512,10 @@ class Master(TensorParallelGroups):
         except OSError as exc:
             log.log(EMERG, "bind() failed on reload: %s: keeping the running configuration", exc)
             return
+        self._start_generation(cfg)
+
+    def _start_generation(self, cfg: Config) -> None:
+        """Start the workers of a reload; the old ones serve until every new one is ready."""
         self.pending_cfg = cfg
         self.pending_generation = self._new_generation()
         log.info("starting generation %d: %d worker(s)", self.pending_generation, cfg.worker_processes)

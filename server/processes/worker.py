@@ -168,10 +168,18 @@ class WorkerProcess:
         me = f"{self.generation}:{self.slot}"
         batchers = {name: Batcher(name, model, mc, device, self.board, me) for name, (mc, model, _) in self.loaded.items()}
         meta = {name: model_metadata(name, mc, model, self.tp) for name, (mc, model, _) in self.loaded.items()}
+        from server.config import GENERATIVE_TYPES
+        from server.serving.generation import GenerationEngine
+
+        generators = {name: GenerationEngine(name, model, mc, device, me)
+                      for name, (mc, model, _) in self.loaded.items() if model.model_type in GENERATIVE_TYPES}
+        for name, g in generators.items():
+            meta[name]["generation"] = g.info()
+            g.start()
         for b in batchers.values():
             b.start()
         self.ctx = zmq.asyncio.Context()
-        self.engine = Engine(self.slot, self.generation, models, batchers, meta, self.ctx)
+        self.engine = Engine(self.slot, self.generation, models, batchers, meta, self.ctx, generators)
         access = self.logs.access_line
         self.http = HttpServer(self.engine, self.cfg, access, lambda: self.ready)
         self.zmq = ZmqServer(self.engine, self.ctx, access, lambda: self.ready, self.cfg.client_max_body_size)
@@ -194,6 +202,8 @@ class WorkerProcess:
         heartbeat = loop.create_task(self._heartbeat())
         code = await self._cycle()
         heartbeat.cancel()
+        for g in generators.values():
+            g.stop()
         self._close_groups()
         WORKERS_READY.dec()
         self.zmq.close()

@@ -21,7 +21,7 @@ import zmq.asyncio
 
 from models.base import InputError, Model, RequestTensor
 from server import wire
-from server.errors import NotFound, PeerUnavailable, RemoteError, RequestTimeout
+from server.errors import BadRequest, NotFound, PeerUnavailable, RemoteError, RequestTimeout, from_status
 from server.logs import log
 from server.serving.batcher import Batcher, Timing, request_size
 from server.serving.loadboard import PeerLoad
@@ -38,18 +38,75 @@ class Peer:
     load: PeerLoad | None = None  # the peer's own count of outstanding requests per model
     socket: zmq.asyncio.Socket | None = None
     outstanding: int = 0
-    waiting: dict[int, asyncio.Future] = field(default_factory=dict)
+    waiting: dict[int, asyncio.Future | asyncio.Queue] = field(default_factory=dict)  # Queue: a generation stream
     accepting: bool = True  # False: draining (it answers what it holds, takes nothing new)
     reader: asyncio.Task | None = None
 
 
+class PeerStream:
+    """A generation running on a peer: its replies, one per chunk, arrive on a queue (see Engine.generate)."""
+
+    def __init__(self, engine: Engine, peer: Peer, request_id: int, queue: asyncio.Queue, prompt_tokens: int) -> None:
+        self.engine, self.peer, self.request_id, self.queue = engine, peer, request_id, queue
+        self.prompt_tokens = prompt_tokens
+        self.done = False
+
+    def __aiter__(self) -> PeerStream:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        if self.done:
+            raise StopAsyncIteration
+        try:
+            item = await asyncio.wait_for(self.queue.get(), PEER_TIMEOUT)
+        except asyncio.TimeoutError:
+            self.cancel()
+            raise RequestTimeout(f"peer {self.peer.key} sent nothing for {PEER_TIMEOUT:g}s") from None
+        except BaseException:
+            self.cancel()
+            raise
+        if isinstance(item, BaseException):
+            self._end()
+            if isinstance(item, PeerUnavailable):  # the peer left mid-generation (killed: a drain lets it finish)
+                raise RemoteError(503, f"worker {self.peer.key} left during the generation") from None
+            raise item
+        header = item
+        if not header.get("ok"):
+            self._end()
+            raise from_status(int(header.get("code", 500)), str(header.get("error", "peer failed")))
+        if header.get("final"):
+            self._end()
+        return {k: v for k, v in header.items() if k not in ("v", "id", "ok", "final", "closing")}
+
+    def _end(self) -> None:
+        if not self.done:
+            self.done = True
+            if self.peer.waiting.pop(self.request_id, None) is not None:
+                self.peer.outstanding -= 1
+
+    def cancel(self) -> None:
+        """Tell the peer to stop (the client went away)."""
+        if self.done:
+            return
+        self._end()
+        if self.peer.socket is not None:
+            try:
+                self.peer.socket.send(wire.pack({"op": "cancel", "id": self.request_id, "fwd": True}), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+
+    async def aclose(self) -> None:
+        self.cancel()
+
+
 class Engine:
     def __init__(self, slot: int, generation: int, models: dict[str, Model], batchers: dict[str, Batcher],
-                 meta: dict[str, dict[str, Any]], ctx: zmq.asyncio.Context) -> None:
+                 meta: dict[str, dict[str, Any]], ctx: zmq.asyncio.Context, generators: dict[str, Any] | None = None) -> None:
         self.slot, self.generation = slot, generation
         self.models = models
         self.meta = meta
         self.batchers = batchers
+        self.generators = generators or {}  # name -> server.serving.generation.GenerationEngine
         self.ctx = ctx
         self.peers: dict[str, Peer] = {}
         self.ids = itertools.count()
@@ -76,7 +133,9 @@ class Engine:
 
     def _drop_peer(self, peer: Peer, exc: BaseException) -> None:
         for fut in peer.waiting.values():
-            if not fut.done():
+            if isinstance(fut, asyncio.Queue):
+                fut.put_nowait(exc)
+            elif not fut.done():
                 fut.set_exception(exc)
         if peer.reader:
             peer.reader.cancel()
@@ -90,7 +149,7 @@ class Engine:
 
     @property
     def outstanding(self) -> int:
-        return sum(b.outstanding for b in self.batchers.values())
+        return sum(b.outstanding for b in self.batchers.values()) + sum(g.outstanding for g in self.generators.values())
 
     def known_models(self) -> list[str]:
         names = set(self.models)
@@ -110,6 +169,69 @@ class Engine:
             if name in peer.meta:
                 return peer.meta[name]
         return None
+
+    def generation_models(self) -> list[str]:
+        """Text generation models this worker serves or can forward to (the OpenAI routes' models)."""
+        names = set(self.generators)
+        for peer in self.peers.values():
+            names |= {n for n in peer.models if "generation" in peer.meta.get(n, {})}
+        return sorted(names)
+
+    # -- generation --------------------------------------------------------------------------------
+    async def generate(self, name: str, request: Mapping[str, Any], forwarded: bool = False):
+        """Admit one generation here or on the peer hosting ``name``; returns an async iterator of chunks.
+
+        Errors that concern the request (400, 404, 503) are raised here, before any chunk, so a
+        front door can still answer with a status. Closing the iterator (``aclose``/``cancel``)
+        stops the generation wherever it runs.
+        """
+        gen = self.generators.get(name)
+        hosts = self.hosts(name)
+        if gen is None and (forwarded or not hosts):
+            if name in self.models or (self.metadata(name) is not None and name not in self.generation_models()):
+                raise BadRequest(f"model {name!r} does not generate text")
+            raise NotFound(f"unknown model {name!r}" + ("" if forwarded else f"; known: {', '.join(self.known_models())}"))
+        if gen is not None and (forwarded or not (self.draining and hosts)):
+            return gen.submit(request)
+        last: BaseException = PeerUnavailable(f"no worker hosting {name!r} is reachable")
+        for peer in sorted(hosts, key=lambda p: p.outstanding):
+            try:
+                return await self._generate_on_peer(peer, name, request)
+            except PeerUnavailable as exc:
+                last = exc
+        if gen is not None:  # draining, and no peer could take it: run it here after all
+            return gen.submit(request)
+        raise last
+
+    async def _generate_on_peer(self, peer: Peer, name: str, request: Mapping[str, Any]) -> PeerStream:
+        self._connect(peer)
+        request_id = next(self.ids)
+        queue: asyncio.Queue = asyncio.Queue()
+        peer.waiting[request_id] = queue
+        peer.outstanding += 1
+        stream = PeerStream(self, peer, request_id, queue, 0)
+        try:
+            header = wire.pack({"op": "generate", "id": request_id, "model": name, "parameters": dict(request), "fwd": True})
+            try:
+                await asyncio.wait_for(peer.socket.send_multipart([header]), 1.0)
+            except (asyncio.TimeoutError, zmq.ZMQError) as exc:
+                raise PeerUnavailable(f"peer {peer.key} not reachable: {exc}") from None
+            try:
+                first = await asyncio.wait_for(queue.get(), PEER_TIMEOUT)
+            except asyncio.TimeoutError:
+                raise RequestTimeout(f"peer {peer.key} did not answer within {PEER_TIMEOUT:g}s") from None
+            if isinstance(first, BaseException):
+                raise first
+            if not first.get("ok"):
+                code, message = int(first.get("code", 500)), str(first.get("error", "peer failed"))
+                if code == 404:
+                    raise PeerUnavailable(message)  # placement changed under us: try elsewhere
+                raise from_status(code, message)
+            stream.prompt_tokens = int(first.get("prompt_tokens", 0))
+            return stream
+        except BaseException:
+            stream._end()
+            raise
 
     # -- serving -----------------------------------------------------------------------------------
     async def infer(self, name: str, inputs: Mapping[str, RequestTensor], parameters: Mapping[str, Any],
@@ -201,13 +323,16 @@ class Engine:
             except PeerUnavailable as exc:
                 last = exc
 
-    async def _call_peer(self, peer: Peer, name: str, inputs, parameters) -> tuple[dict[str, Any], Timing]:
+    def _connect(self, peer: Peer) -> None:
         if peer.socket is None:
             peer.socket = self.ctx.socket(zmq.DEALER)
             peer.socket.setsockopt(zmq.LINGER, 0)
             peer.socket.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for a peer that is not connected
             peer.socket.connect(peer.ipc)
             peer.reader = asyncio.get_running_loop().create_task(self._read_peer(peer))
+
+    async def _call_peer(self, peer: Peer, name: str, inputs, parameters) -> tuple[dict[str, Any], Timing]:
+        self._connect(peer)
         request_id = next(self.ids)
         fut = asyncio.get_running_loop().create_future()
         peer.waiting[request_id] = fut
@@ -250,7 +375,9 @@ class Engine:
                     log.error("bad reply from peer %s: %s", peer.key, exc)
                     continue
                 fut = peer.waiting.get(header.get("id"))
-                if fut is not None and not fut.done():
+                if isinstance(fut, asyncio.Queue):  # a generation: every reply is a chunk
+                    fut.put_nowait(header)
+                elif fut is not None and not fut.done():
                     fut.set_result((header, outputs))
         except (asyncio.CancelledError, zmq.ZMQError):
             return

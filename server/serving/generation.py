@@ -25,8 +25,9 @@ with the KServe batchers of the same worker).
   own generator, and recomputing draws nothing).
 
 Output: each sequence has a queue of chunks (``dict``, msgpack-able, the same on the peer wire):
-``{"text", "token_ids", "logprobs", "top_logprobs", "finish_reason", "prompt_tokens",
-"completion_tokens"}``; the last one has a ``finish_reason`` (``"stop"``: EOS or a stop string,
+``{"text", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens"}``, plus, when
+logprobs are asked for, ``"logprobs"`` (of the chosen tokens), ``"tokens"`` (their text) and
+``"top_logprobs"`` (per token, ``[[id, logprob, text], ...]``, most likely first); the last one has a ``finish_reason`` (``"stop"``: EOS or a stop string,
 ``"length"``: max_tokens or the context/pool limit).
 """
 
@@ -153,8 +154,10 @@ class GenerationEngine:
         per_token = model.kv_bytes_per_token()
         if conf.kv_cache_tokens is not None:
             tokens = conf.kv_cache_tokens
-        else:
-            tokens = (conf.kv_cache_size if conf.kv_cache_size is not None else DEFAULT_KV_BYTES) // per_token
+        elif conf.kv_cache_size is not None:
+            tokens = conf.kv_cache_size // per_token
+        else:  # 512 MiB, or less when max_num_seqs full-length sequences need less
+            tokens = min(DEFAULT_KV_BYTES // per_token, conf.max_num_seqs * model.max_model_len)
         self.block_size = BLOCK_SIZE
         num_blocks = tokens // self.block_size
         if num_blocks < 1:
@@ -408,8 +411,9 @@ class GenerationEngine:
             chunk: dict[str, Any] = {"text": "", "token_ids": [token]}
             if seq.params.logprobs is not False:
                 chunk["logprobs"] = [logprobs[i]]
+                chunk["tokens"] = [self._piece(token)]
                 if seq.params.num_top_logprobs and tops is not None:
-                    chunk["top_logprobs"] = [tops[i][:seq.params.num_top_logprobs]]
+                    chunk["top_logprobs"] = [[[t, lp, self._piece(t)] for t, lp in tops[i][:seq.params.num_top_logprobs]]]
             reason = None
             is_eos = token == self.eos and not seq.ignore_eos
             if seq.text is not None and not is_eos:
@@ -425,6 +429,10 @@ class GenerationEngine:
                 chunk["text"] += seq.text.finish()
             self._finish(seq, reason, None, chunk, now)
         self._reap()
+
+    def _piece(self, token: int) -> str:
+        """A token's own text, for logprobs (a piece of a multi-byte character shows as U+FFFD)."""
+        return self.tokenizer.decode([token]) if self.tokenizer is not None else ""
 
     def _finish(self, seq: Sequence, reason: str | None, error: BaseException | None,
                 chunk: dict[str, Any] | None = None, now: float | None = None) -> None:
