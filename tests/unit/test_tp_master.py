@@ -124,3 +124,23 @@ def test_reload_starts_a_new_group_on_another_port_and_retires_the_old_one_when_
         h.exit(w, code=0)
     h.step()
     assert list(m.tp_ports) == [(2, "b/0")]  # the old group's rendezvous socket is closed
+
+
+def test_configured_port_taken_by_another_group_or_master_moves_up() -> None:
+    """A port held by anyone (an old group, a new binary's master) is skipped: the kernel arbitrates."""
+    import socket
+
+    from server.processes.master import Master
+
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen(1)
+    base = held.getsockname()[1]
+    try:
+        s = Master._tp_bind(base)
+        try:
+            assert base < s.getsockname()[1] < base + 100 and not s.get_inheritable()  # an exec'd new binary drops it
+        finally:
+            s.close()
+    finally:
+        held.close()
