@@ -444,6 +444,8 @@ def _resolve(cfg: Config, check_models: bool) -> None:
                 raise ConfigError(f'model "{model.name}": no worker {bad[0]} (worker_processes {cfg.worker_processes})', file, line)
         if model.device.startswith("cuda") and cfg.gpus == 0:
             raise ConfigError(f'model "{model.name}": device {model.device} but no GPU is visible', file, line)
+        if model.tensor_parallel > 1:
+            _check_tensor_parallel(cfg, model, False, file, line)  # what needs no model folder, first
         if check_models:
             try:
                 model.model_type = check_model_folder(model.path)
@@ -453,8 +455,8 @@ def _resolve(cfg: Config, check_models: bool) -> None:
             if extra and model.model_type not in GENERATIVE_TYPES:
                 raise ConfigError(f'model "{model.name}": "{extra[0]}" applies to text generation models '
                                   f'({", ".join(sorted(GENERATIVE_TYPES))}), not {model.model_type}', file, line)
-        if model.tensor_parallel > 1:
-            _check_tensor_parallel(cfg, model, check_models, file, line)
+        if model.tensor_parallel > 1 and check_models:
+            _check_tensor_parallel(cfg, model, True, file, line)
     taken: dict[int, str] = {}
     for g in cfg.tp_groups():
         for slot in g.slots:

@@ -232,5 +232,5 @@ def test_streamed_generation_k2_equals_k1(tmp_path):
             if "logprobs" in cw:
                 assert cg["logprobs"] == pytest.approx(cw["logprobs"], abs=1e-4)
             if "top_logprobs" in cw:
-                assert [[r[0] for r in row] for row in cg["top_logprobs"]] == [[r[0] for r in row] for row in cw["top_logprobs"]]
+                assert [[t[0] for t in row] for row in cg["top_logprobs"]] == [[t[0] for t in row] for row in cw["top_logprobs"]]
     assert len({t for w in want for c in w for t in c["token_ids"]}) > 10

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -234,3 +235,92 @@ def test_hup_and_quit_under_load(make_server, folder, reference):
     assert refused == [], refused[:5]  # once the listening socket is gone, new connections are refused: nothing else
     log = s.log_text()
     assert "tensor-parallel model" not in log or "the group ended" not in log
+
+
+PROMPTS = ["Once upon a time", "The quick brown fox jumps over the lazy dog.", "你好"]
+
+
+def engine_texts(model, requests: list[dict]) -> list[str]:
+    """What the generation engine writes for ``requests`` on the unsharded model, in this process."""
+    import asyncio
+
+    from server.config import ModelConf
+    from server.serving.batcher import Device
+    from server.serving.generation import GenerationEngine
+
+    async def main():
+        e = GenerationEngine("m", model, ModelConf(name="m", path=Path("."), kv_cache_tokens=1024), Device())
+        e.start()
+        try:
+            out = []
+            for r in requests:  # one at a time: batch composition does not change greedy or seeded outputs
+                out.append("".join([c["text"] async for c in e.submit(r)]))
+            return out
+        finally:
+            e.stop()
+
+    return asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_openai_streams_equal_k1_and_quit_lets_generations_finish(make_server, folder, reference):
+    import openai
+
+    from server.client import Client
+
+    s = tp_server(make_server, folder, extra="", kv_cache_tokens=1024)
+    c = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0)
+    greedy = engine_texts(reference, [{"prompt": p, "max_tokens": 16, "temperature": 0} for p in PROMPTS])
+    sampled = engine_texts(reference, [{"prompt": PROMPTS[0], "max_tokens": 16, "temperature": 1.5, "top_k": 8, "seed": 5}])
+    for p, want in zip(PROMPTS, greedy):
+        for _ in range(2):  # rank 0 itself or rank 1 forwarding the stream
+            events = list(c.completions.create(model="bloom", prompt=p, max_tokens=16, temperature=0, stream=True))
+            assert "".join(e.choices[0].text for e in events if e.choices) == want
+            assert sum(1 for e in events if e.choices) > 3, "not streamed"
+    r = c.completions.create(model="bloom", prompt=PROMPTS[0], max_tokens=16, temperature=1.5, seed=5,
+                             extra_body={"top_k": 8})
+    assert r.choices[0].text == sampled[0]
+    assert len(set(greedy + sampled)) > 1
+    # QUIT while an SSE stream and a ZeroMQ stream are generating: both run to their end
+    results: dict[str, object] = {}
+    started = [threading.Event(), threading.Event()]
+
+    def sse():
+        try:
+            n, last = 0, None
+            for e in c.completions.create(model="bloom", prompt="Once", max_tokens=120, temperature=0, stream=True,
+                                          stream_options={"include_usage": True}, extra_body={"ignore_eos": True}):
+                started[0].set()
+                if e.choices:
+                    last = e.choices[0].finish_reason
+                else:
+                    n = e.usage.completion_tokens
+            results["sse"] = (n, last)
+        except Exception as exc:
+            results["sse"] = exc
+        finally:
+            started[0].set()
+
+    def zmq():
+        try:
+            with Client(s.zmq_address) as z:
+                chunks = []
+                for chunk in z.generate("bloom", "Once", max_tokens=120, ignore_eos=True):
+                    started[1].set()
+                    chunks.append(chunk)
+            results["zmq"] = (sum(len(ch["token_ids"]) for ch in chunks), chunks[-1]["finish_reason"])
+        except Exception as exc:
+            results["zmq"] = exc
+        finally:
+            started[1].set()
+
+    threads = [threading.Thread(target=sse), threading.Thread(target=zmq)]
+    for t in threads:
+        t.start()
+    assert all(e.wait(30) for e in started)
+    s.signal(signal.SIGQUIT)
+    for t in threads:
+        t.join(90)
+    assert not any(t.is_alive() for t in threads)
+    assert results["zmq"] == (120, "length"), results
+    assert results["sse"] == (120, "length"), results
+    assert s.wait_exit(60) == 0

@@ -63,7 +63,9 @@ class TensorParallelGroups:
         mc = cfg.models[group.model]
         return {"model": group.model, "key": group.key, "rank": rank, "size": group.size, "slots": list(group.slots),
                 "port": sock.getsockname()[1], "fd": sock.fileno() if rank == 0 else None,
-                "timeout": max(60.0, 2 * cfg.worker_timeout), "backend": "nccl" if mc.device.startswith("cuda") else ""}
+                # the collectives' bound: a follower waits in one while rank 0 loads its other models; dead
+                # peers are noticed at once (connection reset), wedged ones by their heartbeats
+                "timeout": max(60.0, 2 * cfg.worker_timeout, cfg.worker_load_timeout), "backend": "nccl" if mc.device.startswith("cuda") else ""}
 
     @staticmethod
     def _tp_bind(base: int | None) -> socket.socket:

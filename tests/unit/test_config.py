@@ -233,7 +233,7 @@ ERRORS = [
     ("model m {\n    path /m;\n}\nmodel m {\n    path /n;\n}", 'duplicate model "m"', 6),
     ("model m {\n    path /m;\n    device tpu;\n}", 'invalid device "tpu"', 5),
     ("model m {\n    path /m;\n    device cuda:0;\n}", "device cuda:0 but no GPU is visible", 3),
-    ("model m {\n    path /m;\n    tensor_parallel 2;\n}", "tensor_parallel > 1 is not supported", 5),
+    ("model m {\n    path /m;\n    tensor_parallel 2;\n}", "tensor_parallel 2 does not divide its 1 worker(s)", 3),
     ("model m {\n    path /m;\n    workers 0 1;\n}", "no worker 1 (worker_processes 1)", 3),
     ("model m {\n    path /m;\n    workers first;\n}", '"workers" takes worker numbers', 5),
     ("model m {\n    path /m;\n    colour blue;\n}", 'unknown directive "colour"', 5),

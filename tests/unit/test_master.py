@@ -61,10 +61,10 @@ def conf_text(workers: int = 2, extra: str = "") -> str:
 
 
 class Harness:
-    def __init__(self, tmp_path: Path, monkeypatch, workers: int = 2) -> None:
+    def __init__(self, tmp_path: Path, monkeypatch, workers: int = 2, extra: str = "") -> None:
         self.conf = tmp_path / "conf" / "srv.conf"
         self.conf.parent.mkdir()
-        self.conf.write_text(conf_text(workers))
+        self.conf.write_text(conf_text(workers, extra))
         monkeypatch.setattr(listeners, "open_listeners", lambda cfg, socks: None)  # nothing is bound
         m = self.master = Master(self.conf, tmp_path, load_config(self.conf, tmp_path), [])
         m.metrics_dir = tmp_path / "metrics"
@@ -238,9 +238,10 @@ def test_old_workers_quit_only_when_every_new_one_is_ready(h: Harness) -> None:
     assert [w.channel.commands() for w in old] == [["quit"], ["quit"]]
     assert all(w.state == "exiting" and w.kill_at is not None for w in old)
     assert m.generation == 2 and m.pending_generation is None and m.cfg.worker_processes == 3
-    # the peer table every worker got last lists the new generation only
+    # the peer table every worker got last takes new work on the new generation only (the old one drains)
     table = old[0].channel.sent[-1]
-    assert table["cmd"] == "peers" and {p["generation"] for p in table["peers"]} == {2}
+    assert table["cmd"] == "peers" and {p["generation"] for p in table["peers"] if p["accepting"]} == {2}
+    assert {p["generation"] for p in table["peers"] if not p["accepting"]} <= {1}
     for w in old:  # retiring workers leave and are not replaced
         h.exit(w, code=0)
     h.step()
