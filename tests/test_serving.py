@@ -276,7 +276,7 @@ def assert_still_serving(server) -> None:
         (b"[1, 2]", 400, "inputs"),
         (b'{"inputs": [{"name": "images", "datatype": "FP32", "shape": [true, 3], "data": [1, 2, 3]}]}', 400, "shape"),
         (b'{"inputs": [{"name": "images", "datatype": ["FP32"], "shape": [1], "data": [1]}]}', 400, "datatype"),
-        (b'{"inputs": [{"name": "images", "datatype": "FP32", "shape": [99999999999, 99999999999], "data": [1]}]}', 400, "values"),
+        (b'{"inputs": [{"name": "images", "datatype": "FP32", "shape": [99999999999, 99999999999], "data": [1]}]}', 400, "shape"),
     ],
 )
 def test_bad_json_requests_get_clear_errors(server, body: bytes, status: int, fragment: str) -> None:
