@@ -378,7 +378,7 @@ class TensorParallelBloom:
         self.freed: list[int] = []
         self.broken: str | None = None
         self.lo, _ = parallel.vocab_range(model.vocab_size)
-        self.stats = {"steps": 0, "broadcast_s": 0.0}
+        self.stats = {"steps": 0, "gathered_steps": 0, "broadcast_s": 0.0}
         self.last_send = time.monotonic()
         self.keepalive: threading.Thread | None = None
 
@@ -498,6 +498,7 @@ class TensorParallelBloom:
         with self.lock:
             self._send(OP_STEP, [cache.tp_id, MODE_SAMPLE, int(plan.gather), plan.kk, *_encode_seqs(seqs)])  # type: ignore[attr-defined]
             self.stats["steps"] += 1
+            self.stats["gathered_steps"] += plan.gather  # full logits crossed ranks (top-p, penalty, untruncated sampling)
 
             def run():
                 local = self.model.step_local(cache, seqs)

@@ -200,6 +200,9 @@ def test_k2_equals_k1(tmp_path, n_head, hidden):
     for rank in (0, 1):
         assert 0.45 < got[rank]["bytes"] / full < 0.55, (rank, got[rank]["bytes"], full)
     assert tp["stats"]["steps"] == 10
+    # greedy and top-k rows exchange candidates only: the logits were gathered only in the 8 steps
+    # that held the top-p sequence (sequence 2 joins at the third step)
+    assert tp["stats"]["gathered_steps"] == 8
 
 
 def test_shard_layout_and_refusals(tmp_path):

@@ -144,3 +144,30 @@ def test_configured_port_taken_by_another_group_or_master_moves_up() -> None:
             s.close()
     finally:
         held.close()
+
+
+def test_two_replicas_of_a_group(tmp_path: Path, monkeypatch) -> None:
+    """worker_processes 4; tensor_parallel 2: slots 0-1 and 2-3 are two copies, each on its own port."""
+
+    class Four(TPHarness):
+        def __init__(self, tmp_path, monkeypatch) -> None:
+            folder = tmp_path / "b"
+            folder.mkdir()
+            (folder / "config.json").write_text(json.dumps({"model_type": "bloom", "n_head": 4, "vocab_size": 448}))
+            (folder / "model.safetensors").write_bytes(b"")
+            self.infos = {}
+            Harness.__init__(self, tmp_path, monkeypatch, workers=4,
+                             extra=f"model b {{\n    path {folder};\n    tensor_parallel 2;\n}}\n")
+
+    h = Four(tmp_path, monkeypatch)
+    try:
+        info = [h.infos[h.slot(n).pid] for n in range(4)]
+        assert [(i["key"], i["rank"]) for i in info] == [("b/0", 0), ("b/0", 1), ("b/1", 0), ("b/1", 1)]
+        assert info[0]["port"] == info[1]["port"] != info[2]["port"] == info[3]["port"]
+        h.exit(h.slot(3), sig=signal.SIGKILL)
+        h.step()
+        assert [w.channel.commands() for w in (h.slot(0), h.slot(1))] == [[], []]  # the other replica serves on
+        assert h.master.tp_restarting and list(h.master.tp_restarting)[0][1] == "b/1"
+    finally:
+        h.master._tp_close_all()
+        h.master.selector.close()
