@@ -28,13 +28,14 @@ class LoadBoard:
             self.map = mmap.mmap(fd, size)
         finally:
             os.close(fd)
-        self.values = np.ndarray((max(1, len(models)),), dtype=np.int64, buffer=self.map)
+        self.values: np.ndarray | None = np.ndarray((max(1, len(models)),), dtype=np.int64, buffer=self.map)
 
     def set(self, model: str, value: int) -> None:
-        self.values[self.index[model]] = value
+        if self.values is not None:  # requests still finishing after close() (a terminated worker) count nothing
+            self.values[self.index[model]] = value
 
     def close(self) -> None:
-        del self.values
+        self.values = None  # the ndarray must go before the mmap it views can close
         self.map.close()
         try:
             self.path.unlink()
