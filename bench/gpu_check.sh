@@ -18,7 +18,7 @@ PYTHON="${PYTHON:-.venv/bin/python}"
 [ -x "$PYTHON" ] || PYTHON=python3
 MODELS_DIR="${MODELS_DIR:-${TMPDIR:-/tmp}/modelsrv-tp-bench}"
 OUT_DIR="${OUT_DIR:-${TMPDIR:-/tmp}/modelsrv-gpu-check-$(date +%Y%m%d-%H%M%S)}"
-STEP_LIMIT="${STEP_LIMIT:-120}"   # seconds per run; 4 runs stay under 5 minutes
+STEP_LIMIT="${STEP_LIMIT:-70}"    # seconds per run: folders (90 s at most) + 3 runs stay under 5 minutes
 
 gpus="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)' 2>/dev/null || echo 0)"
 if [ "${gpus:-0}" -lt 1 ]; then
@@ -53,6 +53,10 @@ PY
         echo "gpu_check: FAILED: $name (exit $rc; $( [ "$rc" = 124 ] && echo "over ${STEP_LIMIT}s" || tail -n 3 "$OUT_DIR/$name.err" | tr '\n' ' '))" >&2
     fi
 }
+for config in small 560m; do
+    timeout 90 "$PYTHON" bench/tp.py --prepare --config "$config" --models-dir "$MODELS_DIR" >/dev/null || {
+        echo "gpu_check: FAILED: could not write the $config model folder in $MODELS_DIR (disk? 2.2 GB for 560m)" >&2; exit 1; }
+done
 run small-k1 --config small --world 1 --steps 20
 [ "$all" -gt 1 ] && run "small-k$all" --config small --world "$all" --steps 20
 run "560m-k$all" --config 560m --world "$all" --steps 10

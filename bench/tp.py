@@ -164,6 +164,7 @@ def time_steps(model, batch: int, context: int, steps: int, counter: Counter | N
         counter.on = True
     times = [one() for _ in range(steps)]
     out = {"batch": batch, "prefill_s": prefill, "step_s": statistics.median(times), "step_min_s": min(times),
+           "step_mean_s": statistics.fmean(times),  # the collectives' times below are means too
            "tokens_per_s": batch / statistics.median(times)}
     if counter is not None:
         counter.on = False
@@ -329,7 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-k1", action="store_true", help="skip the unsharded timings (not with --check)")
     ap.add_argument("--timeout", type=float, default=120.0, help="rendezvous and collective timeout, seconds")
     ap.add_argument("--deadline", type=float, default=600.0, help="give up on a run after this many seconds")
+    ap.add_argument("--prepare", action="store_true", help="only write the model folder (if missing) and exit")
     a = ap.parse_args(argv)
+    if a.prepare:
+        print(ensure_folder(a.models_dir, a.config))
+        return 0
     backend = a.backend or ("nccl" if a.device == "cuda" else "gloo")
     if a.device == "cuda" or backend == "nccl":
         import torch
