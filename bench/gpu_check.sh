@@ -20,6 +20,10 @@ MODELS_DIR="${MODELS_DIR:-${TMPDIR:-/tmp}/modelsrv-tp-bench}"
 OUT_DIR="${OUT_DIR:-${TMPDIR:-/tmp}/modelsrv-gpu-check-$(date +%Y%m%d-%H%M%S)}"
 STEP_LIMIT="${STEP_LIMIT:-70}"    # seconds per run: folders (90 s at most) + 3 runs stay under 5 minutes
 
+if [ ! -e /proc/driver/nvidia/gpus ] && ! compgen -G "/dev/nvidia[0-9]*" >/dev/null; then
+    echo "gpu_check: FAILED: no NVIDIA GPU on this host (no /proc/driver/nvidia/gpus, no /dev/nvidia*): nothing was checked" >&2
+    exit 2
+fi
 gpus="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)' 2>/dev/null || echo 0)"
 if [ "${gpus:-0}" -lt 1 ]; then
     echo "gpu_check: FAILED: no CUDA GPU visible to $PYTHON (torch.cuda.is_available() is False; CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-unset}): nothing was checked" >&2

@@ -249,7 +249,8 @@ class WorkerProcess:
                 self.http.drain()
                 self.zmq.draining = True
                 self.engine.draining = True
-                deadline = time.monotonic() + self.cfg.worker_shutdown_timeout
+                # a follower outlives its rank 0's drain (rank 0 stops it when done; the master kills at +5 s)
+                deadline = time.monotonic() + self.cfg.worker_shutdown_timeout + (2.0 if self.followers else 0.0)
             if self.reopen:
                 self.reopen = False
                 self.logs.reopen()
