@@ -266,8 +266,8 @@ def wait_group(server, old: dict[int, int], timeout: float = 120.0) -> dict[int,
     return wait_for(fresh, timeout, 0.2, "the tensor-parallel group to be restarted")
 
 
-@pytest.mark.parametrize("how", ["kill", "wedge"])
-def test_rank1_dies_or_wedges_group_restarts(make_server, folder, reference, how):
+@pytest.mark.parametrize("how", ["kill", "wedge", "kill0"])
+def test_rank_dies_or_wedges_group_restarts(make_server, folder, reference, how):
     from tests.conftest import free_port
 
     # kill: with ``tensor_parallel_port``, whose first free port is the one the dead group just left
@@ -276,7 +276,8 @@ def test_rank1_dies_or_wedges_group_restarts(make_server, folder, reference, how
     port = json.loads(http("GET", f"{s.url}/v2/models/bloom/config")[2])["tensor_parallel"]["port"]
     with TokenLoad(s) as load:
         wait_for(lambda: load.ok >= 3, 60, what="requests to succeed")
-        os.kill(old[1], signal.SIGKILL if how == "kill" else signal.SIGSTOP)  # a stopped process sends no heartbeat
+        victim = 0 if how == "kill0" else 1  # kill0: rank 0, the one holding the requests
+        os.kill(old[victim], signal.SIGSTOP if how == "wedge" else signal.SIGKILL)  # a stopped process sends no heartbeat
         new = wait_group(s, old)
         wait_for(lambda: not alive(old[0]) and not alive(old[1]), 30, what="the old group to be gone")
         before = load.ok
@@ -286,7 +287,7 @@ def test_rank1_dies_or_wedges_group_restarts(make_server, folder, reference, how
     new_port = json.loads(http("GET", f"{s.url}/v2/models/bloom/config")[2])["tensor_parallel"]["port"]
     assert new_port != port and sorted(new) == [0, 1]
     log = s.log_text()
-    assert "lost worker #1: restarting the whole group" in log
+    assert f"lost worker #{victim}: restarting the whole group" in log
     if how == "wedge":
         assert "sent no heartbeat" in log
 
