@@ -212,14 +212,20 @@ class GenLoad:
         import http.client
 
         conn = http.client.HTTPConnection("127.0.0.1", self.server.http_port, timeout=30)
+        phase, started = "connect", time.monotonic()
         try:
             conn.request("POST", "/v1/completions", self.body, {"Content-Type": "application/json"})
+            phase = "headers"
             r = conn.getresponse()
             if r.status != 200:
                 return f"{r.status} {r.read()[:160]!r}"
             with self.lock:
                 self.started += 1
+            phase = "body"
             data = r.read().decode()
+        except (OSError, http.client.HTTPException) as exc:  # say where and when, for the error log
+            return (f"{type(exc).__name__}: {exc} (in {phase}, after {time.monotonic() - started:.1f}s, "
+                    f"at {time.strftime('%H:%M:%S')})")
         finally:
             conn.close()
         events = [e.removeprefix("data: ") for e in data.split("\n\n") if e.startswith("data: ")]
@@ -318,7 +324,7 @@ def test_hup_and_quit_under_load(make_server, folder, reference):
         before, gen_before = load.ok, gen.ok
         wait_for(lambda: load.ok >= before + 3 and gen.ok >= gen_before + 2, 60, what="requests on the new generation")
     assert load.failures == [], load.failures[:5]
-    assert gen.failures == [], gen.failures[:5]
+    assert gen.failures == [], (gen.failures[:5], s.log_text()[-6000:])
     assert len(gen.texts) == 1 and gen.texts != {""}, gen.texts  # greedy: the same text from both generations
     ports = rendezvous_ports(s.log_text())
     assert len(ports) == 2 and ports[0] == base and ports[1] != base, ports  # never the port the old group holds
