@@ -26,7 +26,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any
 
-from server.config import Config
+from server.config import Config, slot_device
 from server.logs import log
 
 if TYPE_CHECKING:
@@ -57,15 +57,20 @@ class TensorParallelGroups:
         key = (generation, group.key)
         sock = self.tp_ports.get(key)
         if sock is None:
-            sock = self.tp_ports[key] = self._tp_bind(group.port_base)
-            log.info('tensor-parallel group %s (generation %d): rendezvous on 127.0.0.1:%d, worker(s) %s',
-                     group.key, generation, sock.getsockname()[1], " ".join(map(str, group.slots)))
+            sock = self._tp_open(key, group.port_base, group.slots)
         mc = cfg.models[group.model]
         return {"model": group.model, "key": group.key, "rank": rank, "size": group.size, "slots": list(group.slots),
                 "port": sock.getsockname()[1], "fd": sock.fileno() if rank == 0 else None,
                 # the collectives' bound: a follower waits in one while rank 0 loads its other models; dead
                 # peers are noticed at once (connection reset), wedged ones by their heartbeats
-                "timeout": max(60.0, 2 * cfg.worker_timeout, cfg.worker_load_timeout), "backend": "nccl" if mc.device.startswith("cuda") else ""}
+                "timeout": max(60.0, 2 * cfg.worker_timeout, cfg.worker_load_timeout),
+                "backend": "nccl" if slot_device(cfg, mc, slot).startswith("cuda") else "gloo"}  # as group_from_env picks
+
+    def _tp_open(self, key: tuple[int, str], base: int | None, slots: tuple[int, ...]) -> socket.socket:
+        sock = self.tp_ports[key] = self._tp_bind(base)
+        log.info('tensor-parallel group %s (generation %d): rendezvous on 127.0.0.1:%d, worker(s) %s',
+                 key[1], key[0], sock.getsockname()[1], " ".join(map(str, slots)))
+        return sock
 
     @staticmethod
     def _tp_bind(base: int | None) -> socket.socket:
@@ -129,7 +134,13 @@ class TensorParallelGroups:
             del self.tp_restarting[key]
             sock = self.tp_ports.pop(key, None)
             if sock is not None:
-                sock.close()  # the next incarnation rendezvouses on a new port
+                # the next incarnation rendezvouses on a new port: bind it while the old one is still
+                # held (else ``tensor_parallel_port`` would hand the same port straight back)
+                try:
+                    self._tp_open(key, self._tp_port_base(key), slots)
+                except OSError:
+                    pass  # _tp_spawn_info tries again (and reports) when the members are spawned
+                sock.close()
             if delay:
                 log.warning("tensor-parallel group %s: restart in %.1fs", key[1], delay)
             for slot in slots:
@@ -138,6 +149,11 @@ class TensorParallelGroups:
         for key in list(self.tp_ports):
             if key not in live and key not in self.tp_restarting and key[0] not in waiting:
                 self.tp_ports.pop(key).close()
+
+    def _tp_port_base(self, key: tuple[int, str]) -> int | None:
+        generation, group_key = key
+        cfg = self.pending_cfg if generation == getattr(self, "pending_generation", None) and self.pending_cfg else self.cfg
+        return next((g.port_base for g in cfg.tp_groups() if g.key == group_key), None)
 
     def _tp_close_all(self) -> None:
         for sock in self.tp_ports.values():

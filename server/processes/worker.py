@@ -183,6 +183,14 @@ class WorkerProcess:
         access = self.logs.access_line
         self.http = HttpServer(self.engine, self.cfg, access, lambda: self.ready)
         self.zmq = ZmqServer(self.engine, self.ctx, access, lambda: self.ready, self.cfg.client_max_body_size)
+        if not await self._wait_for_rank0():  # the group broke, or we were told to stop, before it served
+            self.zmq.close()
+            self.engine.close()
+            self.ctx.destroy(linger=0)
+            self.board.close()
+            log.info("exit")
+            self.logs.close()
+            return 0 if self.terminate or self.quit else 1
         self.http_servers = []
         for key, sock in self.listeners.items():
             kind, host, port = split_listener_key(key)
@@ -241,7 +249,8 @@ class WorkerProcess:
                 self.http.drain()
                 self.zmq.draining = True
                 self.engine.draining = True
-                deadline = time.monotonic() + self.cfg.worker_shutdown_timeout
+                # a follower outlives its rank 0's drain (rank 0 stops it when done; the master kills at +5 s)
+                deadline = time.monotonic() + self.cfg.worker_shutdown_timeout + (2.0 if self.followers else 0.0)
             if self.reopen:
                 self.reopen = False
                 self.logs.reopen()
@@ -254,6 +263,23 @@ class WorkerProcess:
                     log.warning("worker_shutdown_timeout: exiting with %d request(s) held", held)
                     return 0
                 self.http.drain()
+
+    async def _wait_for_rank0(self) -> bool:
+        """A follower rank takes requests from the shared listeners only once a rank 0 serving the model it
+        follows is in the peer table: before, it could only answer 404 (a new binary's group during a USR2,
+        whose master lists no other worker). The group's warm-up runs on the follower thread meanwhile;
+        the master bounds the wait with ``worker_load_timeout``. False: the group ended or we must stop."""
+        while self.followers:
+            if all(self.engine.hosts(name) for name in self.followers):
+                return True
+            if self.terminate or self.quit or any(f.done.is_set() for f in self.followers.values()):
+                return False
+            try:
+                await asyncio.wait_for(self.wake.wait(), 0.2)
+            except asyncio.TimeoutError:
+                pass
+            self.wake.clear()
+        return True
 
     def _group_failed(self) -> bool:
         """A tensor-parallel group this worker is in cannot serve any more (see server/serving/tensor_parallel.py)."""
