@@ -42,7 +42,7 @@ def read_until_closed(s: socket.socket, limit: float = 10.0) -> tuple[bytes, str
             chunk = s.recv(1 << 20)
         except ConnectionResetError:
             return data, "reset"
-        except socket.timeout:
+        except TimeoutError:
             break
         if not chunk:
             return data, "eof"
@@ -193,7 +193,7 @@ def test_idle_connections_make_room_past_worker_connections(server) -> None:
             s.settimeout(0.5)
             try:
                 closed += s.recv(1) == b""
-            except socket.timeout:
+            except TimeoutError:
                 pass
             except ConnectionResetError:
                 closed += 1

@@ -169,9 +169,9 @@ class HttpServer:
     # -- routes ---------------------------------------------------------------------------------
     async def handle(self, req: Request) -> Response:
         path = req.path.split("?", 1)[0]
-        if path == HEALTH_PREFIX + "live":
+        if path == "/v2/health/live":
             return json_response(200, {"live": True})
-        if path == HEALTH_PREFIX + "ready":
+        if path == "/v2/health/ready":
             ready = self.is_ready() and not self.draining
             return json_response(200 if ready else 503, {"ready": ready})
         if path == "/v2":
