@@ -8,6 +8,7 @@ examples.
 
 from __future__ import annotations
 
+import gzip
 import json
 import socket
 import time
@@ -101,10 +102,22 @@ def raw_requests(draw) -> bytes:
     version = draw(st.sampled_from([b"HTTP/1.1", b"HTTP/1.0"]) | token)
     headers = draw(st.lists(st.tuples(header_names, token), max_size=5))
     body = draw(bodies)
-    if draw(st.booleans()):
+    framing = draw(st.sampled_from(["length", "chunked", "gzip", "none"]))
+    if framing == "gzip":
+        body = gzip.compress(body)
+        headers.append((b"Content-Encoding", draw(st.sampled_from([b"gzip", b"deflate", b"br"]))))
+    if framing == "chunked":
+        headers.append((b"Transfer-Encoding", b"chunked"))
+        cuts = sorted(draw(st.lists(st.integers(0, len(body)), max_size=3)))
+        pieces = [body[i:j] for i, j in zip([0, *cuts], [*cuts, len(body)])]
+        body = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces if p) + b"0\r\n\r\n"
+    elif framing != "none":
         headers.append((b"Content-Length", str(len(body)).encode()))
     head = b"%s %s %s\r\n" % (method, path, version) + b"".join(b"%s: %s\r\n" % h for h in headers)
-    raw = head + b"Connection: close\r\n\r\n" + body
+    raw = head + b"\r\n" + body
+    if draw(st.booleans()):  # pipelined behind a well-formed request
+        raw = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n" + raw
+    raw += b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     if draw(st.booleans()):  # damage it somewhere
         at = draw(st.integers(0, len(raw)))
         raw = raw[:at] + draw(st.binary(max_size=8)) + raw[at + draw(st.integers(0, 8)):]
