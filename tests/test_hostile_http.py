@@ -316,3 +316,86 @@ def test_auth_metrics_off_opens_metrics_only() -> None:
     assert srv.authorized("/metrics", "") and srv.authorized("/v2/health/ready", "")
     assert not srv.authorized("/v2/models", "") and srv.authorized("/v2/models", "Bearer t")
     assert not srv.authorized("/v1/models", "Bearer t2") and not srv.authorized("/v1/models", "Bearer ")
+
+
+def test_stream_to_a_client_that_stops_reading_pauses_then_is_cancelled() -> None:
+    """In process, with a transport whose buffer never drains: a server-sent event stream pulls no
+    more events once writing is paused, and send_timeout aborts the connection and closes the stream."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from server.frontends.http import HttpConnection, HttpServer, Response
+
+    pulled, closed = [], []
+
+    async def events():
+        try:
+            for i in range(10_000):
+                pulled.append(i)
+                yield b"data: %d\n\n" % i
+                await asyncio.sleep(0)
+        finally:
+            closed.append(True)
+
+    class Stuck(asyncio.Transport):
+        """A peer that reads nothing: every write stays buffered."""
+
+        def __init__(self, protocol) -> None:
+            super().__init__()
+            self.protocol, self.buffered, self.reading, self.closed = protocol, 0, True, False
+
+        def get_extra_info(self, name, default=None):
+            return ("127.0.0.1", 1) if name == "peername" else default
+
+        def write(self, data) -> None:
+            was = self.buffered
+            self.buffered += len(data)
+            if was <= 65536 < self.buffered:
+                self.protocol.pause_writing()
+
+        def get_write_buffer_size(self) -> int:
+            return self.buffered
+
+        def is_closing(self) -> bool:
+            return self.closed
+
+        def is_reading(self) -> bool:
+            return self.reading
+
+        def pause_reading(self) -> None:
+            self.reading = False
+
+        def resume_reading(self) -> None:
+            self.reading = True
+
+        def close(self) -> None:
+            self.closed = True
+
+        def abort(self) -> None:
+            self.closed, self.buffered = True, 0
+            asyncio.get_running_loop().call_soon(self.protocol.connection_lost, None)
+
+    async def main() -> Stuck:
+        cfg = SimpleNamespace(client_max_body_size=1 << 20, client_body_timeout=5, client_header_timeout=5,
+                              send_timeout=0.3, keepalive_timeout=5, worker_connections=8, auth_tokens=(),
+                              auth_metrics=True)
+        srv = HttpServer(SimpleNamespace(metric_label=lambda name: "unknown"), cfg, lambda line: None, lambda: True)
+
+        async def handle(req):
+            return Response(200, b"", content_type="text/event-stream", stream=events())
+
+        srv.handle = handle  # type: ignore[method-assign]
+        conn = HttpConnection(srv)
+        t = Stuck(conn)
+        conn.connection_made(t)
+        conn.data_received(b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}')
+        for _ in range(200):  # 2 s at most
+            if closed:
+                break
+            await asyncio.sleep(0.01)
+        return t
+
+    t = asyncio.run(main())
+    assert closed and t.closed, "the stream was not closed after send_timeout"
+    assert len(pulled) < 10_000 and len(pulled) * 12 < 200_000, f"{len(pulled)} events pulled for a client reading none"
+    assert not t.reading  # and nothing more was read from it meanwhile
