@@ -98,6 +98,46 @@ def error_response(status: int, message: str, openai_shape: bool = False, **kw: 
     return json_response(status, doc, headers=headers, **kw)
 
 
+class JsonParser:
+    """Large KServe JSON bodies are parsed in a helper process, not on the worker's threads.
+
+    ``json.loads`` holds the GIL for a whole document (seconds for tens of MB), so a thread would
+    not spare the event loop: health checks would wait behind it. The helper (forkserver: a fresh
+    interpreter importing only kserve and numpy, never torch) parses one body at a time and sends
+    back the tensors; it is replaced after ``RECYCLE`` bodies so that its memory is returned. If
+    it cannot run, bodies are parsed on a thread instead.
+    """
+
+    RECYCLE = 32
+    pool: Any = None
+
+    @classmethod
+    def close(cls) -> None:
+        """Stop the helper (the worker exits with os._exit: no atexit would)."""
+        if cls.pool is not None:
+            cls.pool.shutdown(wait=False, cancel_futures=True)
+            cls.pool = None
+
+    @classmethod
+    async def parse(cls, body: bytes, length: int | None) -> kserve.InferRequest:
+        loop = asyncio.get_running_loop()
+        from concurrent.futures.process import BrokenProcessPool
+
+        if cls.pool is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(["server.frontends.kserve"])
+            cls.pool = ProcessPoolExecutor(1, mp_context=ctx, max_tasks_per_child=cls.RECYCLE)
+        try:
+            return await loop.run_in_executor(cls.pool, kserve.parse_request, body, length)
+        except (BrokenProcessPool, OSError) as exc:
+            log.warning("JSON parser process failed (%s): parsing on a thread", exc)
+            cls.pool = None
+            return await loop.run_in_executor(None, kserve.parse_request, body, length)
+
+
 class HttpServer:
     """Routes of one worker; one HttpConnection per TCP connection."""
 
@@ -241,12 +281,12 @@ class HttpServer:
             batcher.check_room()
         loop = asyncio.get_running_loop()
         if (length if length is not None else len(req.body)) >= BIG_JSON:
-            # a large JSON document costs seconds of CPU and several times its size in memory: on a
-            # thread (the loop keeps answering), one at a time, and only if the queue still has room
+            # a large JSON document costs seconds of CPU and several times its size in memory: in the
+            # helper process (the loop keeps answering), one at a time, and only if the queue still has room
             async with self.parse_lock:
                 if local_only:
                     batcher.check_room()
-                parsed = await loop.run_in_executor(None, kserve.parse_request, req.body, length)
+                parsed = await JsonParser.parse(req.body, length)
         else:
             parsed = kserve.parse_request(req.body, length)
         outputs, timing = await self.engine.infer(name, parsed.inputs, parsed.parameters)
@@ -419,6 +459,7 @@ class HttpConnection(asyncio.Protocol):
         self.in_message = False
         self.head_done = False  # what follows is the next request's head
         body = bytes(self.body)
+        self.body = bytearray()  # one copy of a large body held, not two
         encoding = self.headers.get("content-encoding", "").lower()
         req = Request(self.parser.get_method().decode(), self.url.decode("latin-1"), self.headers, body,
                       self.parser.should_keep_alive() and self.server.keepalive_timeout > 0, self.client,

@@ -207,6 +207,9 @@ class WorkerProcess:
         self._close_groups()
         WORKERS_READY.dec()
         self.zmq.close()
+        from server.frontends.http import JsonParser
+
+        JsonParser.close()
         self.engine.close()
         self.ctx.destroy(linger=0)
         self.board.close()
