@@ -33,6 +33,7 @@ from server.errors import (
     HeadersTooLarge,
     MethodNotAllowed,
     NotFound,
+    Overloaded,
     PayloadTooLarge,
     ServeError,
     Unauthorized,
@@ -152,6 +153,7 @@ class HttpServer:
         self.tokens = tuple(t.encode() for t in config.auth_tokens)
         self.auth_metrics = config.auth_metrics
         self.parse_lock = asyncio.Lock()  # one large JSON body parsed at a time: bounded memory
+        self.parsing: dict[str, int] = {}  # per model: large JSON bodies waiting for (or in) their parse
         self.connections_logged = {True: -CONNECTIONS_LOG_EVERY, False: -CONNECTIONS_LOG_EVERY}  # rate limit per kind
         self.access = access
         self.is_ready = is_ready
@@ -282,11 +284,17 @@ class HttpServer:
         loop = asyncio.get_running_loop()
         if (length if length is not None else len(req.body)) >= BIG_JSON:
             # a large JSON document costs seconds of CPU and several times its size in memory: in the
-            # helper process (the loop keeps answering), one at a time, and only if the queue still has room
-            async with self.parse_lock:
-                if local_only:
-                    batcher.check_room()
-                parsed = await JsonParser.parse(req.body, length)
+            # helper process (the loop keeps answering), one at a time; requests waiting for their
+            # parse count against the model's queue, so a flood still gets its 503s at once
+            if batcher is not None and len(batcher.queue) + self.parsing.get(name, 0) >= batcher.conf.max_queue_size:
+                raise Overloaded(f"model {name!r}: queue full ({batcher.conf.max_queue_size} requests, "
+                                 f"{self.parsing[name]} waiting for their JSON to be parsed)")
+            self.parsing[name] = self.parsing.get(name, 0) + 1
+            try:
+                async with self.parse_lock:
+                    parsed = await JsonParser.parse(req.body, length)
+            finally:
+                self.parsing[name] -= 1
         else:
             parsed = kserve.parse_request(req.body, length)
         outputs, timing = await self.engine.infer(name, parsed.inputs, parsed.parameters)
