@@ -2,8 +2,13 @@
 
 An ``asyncio.Protocol`` with httptools for parsing (measured fastest here: 59k req/s against
 24k for aiohttp and 11k for Starlette on uvicorn); the routes are ours. Keep-alive and
-pipelining (answered in order), ``client_max_body_size`` (413), a body timeout and an idle
-timeout so a slow or silent client cannot hold a worker, gzip/deflate both ways.
+pipelining (answered in order), ``client_max_body_size`` (413), gzip/deflate both ways. Hostile
+or broken clients are bounded as nginx bounds them (docs/OPERATIONS.md, "Limits"): a head that
+never ends (431 at 88 KiB, counted while it is fed, since httptools buffers an unfinished header
+line), ``client_header_timeout``, ``client_body_timeout`` and ``keepalive_timeout`` (408 or a
+close), ``send_timeout`` for a client that stops reading (the transport's flow control pauses
+reading and replies meanwhile), ``worker_connections`` (idle connections reused), large JSON
+parsed off the event loop after admission, and Bearer tokens (``auth_token_file``, 401).
 
 Streamed replies (OpenAI ``stream: true``) go out with chunked transfer encoding, one chunk per
 server-sent event, written as each is produced; the connection stays usable afterwards. A
