@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import Server, fixture_path, http, wait_for
+from tests.conftest import BIN, Server, fixture_path, http, wait_for
 
 TINY = fixture_path("densenet_tiny", "model")
 AFNO = fixture_path("afno_small", "model")
@@ -399,3 +399,25 @@ def test_stream_to_a_client_that_stops_reading_pauses_then_is_cancelled() -> Non
     assert closed and t.closed, "the stream was not closed after send_timeout"
     assert len(pulled) < 10_000 and len(pulled) * 12 < 200_000, f"{len(pulled)} events pulled for a client reading none"
     assert not t.reading  # and nothing more was read from it meanwhile
+
+
+
+def test_worker_connections_follow_the_descriptor_limit(make_server) -> None:
+    """Before: with descriptors short, libuv accepted and dropped connections silently (health probes
+    failed, nothing logged). Now worker_connections is lowered to what the limit leaves, with a
+    warning, and the connections past it go through the worker_connections path (logged)."""
+    s = make_server(workers=1)
+    s.start(command=["sh", "-c", f"ulimit -n 160 && exec {BIN} -c {s.conf}"])
+    assert "worker_connections exceed open file resource limit" in s.log_text()
+    socks = []
+    try:
+        for _ in range(200):
+            c = socket.create_connection(("127.0.0.1", s.http_port), timeout=10)
+            socks.append(c)
+            c.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert c.recv(65536).startswith(b"HTTP/1.1 200")
+        assert http("GET", s.url + "/v2/health/live", timeout=10)[0] == 200
+    finally:
+        for c in socks:
+            c.close()
+    assert "worker_connections are not enough, reusing connections" in s.log_text()

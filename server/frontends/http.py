@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import os
 import re
 import time
 import zlib
@@ -59,6 +60,7 @@ HEAD_SLICE = 16 << 10  # unfinished heads are fed to the parser in slices of thi
 PIPELINE_MAX = 16  # requests read ahead of their answers before reading pauses
 BIG_JSON = 8 << 20  # JSON bodies at least this large are parsed in the helper process, one at a time per worker
 BIG_REPLY = 1 << 18  # replies of at least this many values are serialized on a thread
+FD_RESERVE = 32  # descriptors kept free beside HTTP connections (ZeroMQ, peers, logs, the JSON helper)
 CONNECTIONS_LOG_EVERY = 10.0  # seconds between two "worker_connections are not enough" lines
 HEALTH_PREFIX = "/v2/health/"  # open to probes without a token
 FIRST_REQUEST_GRACE = 1.0  # seconds a just-accepted connection may stay silent while draining
@@ -154,7 +156,7 @@ class HttpServer:
         self.header_timeout = config.client_header_timeout
         self.send_timeout = config.send_timeout
         self.keepalive_timeout = config.keepalive_timeout
-        self.worker_connections = config.worker_connections
+        self.worker_connections = self._connection_cap(config.worker_connections)
         self.tokens = tuple(t.encode() for t in config.auth_tokens)
         self.auth_metrics = config.auth_metrics
         self.parse_lock = asyncio.Lock()  # one large JSON body parsed at a time: bounded memory
@@ -178,6 +180,24 @@ class HttpServer:
     @property
     def busy(self) -> int:
         return sum(1 for c in self.connections if c.busy)
+
+    @staticmethod
+    def _connection_cap(wanted: int) -> int:
+        """worker_connections, lowered to what the descriptor limit leaves (nginx warns the same way):
+        past the limit libuv would accept and drop connections silently, probes included."""
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        try:
+            held = len(os.listdir("/proc/self/fd"))
+        except OSError:
+            held = 64
+        room = max(2, soft - held - FD_RESERVE) if soft != resource.RLIM_INFINITY else wanted
+        if wanted > room:
+            log.warning("%d worker_connections exceed open file resource limit: %d (%d descriptors in use): "
+                        "serving at most %d connections", wanted, soft, held, room)
+            return room
+        return wanted
 
     def admit(self, conn: HttpConnection) -> bool:
         """Room for one more connection: past worker_connections, idle ones (keep-alive, or not yet
