@@ -1,6 +1,8 @@
 # make install: .venv with torch 2.13.0 (CPU wheel) and the project; the demo model folders.
 # make run:     install, then serve conf/srv.conf in the foreground.
 # make test:    install with the test extra, then the test suite.
+# make fuzz:    the property-based tests (tests/test_fuzz_http.py) with the "fuzz" hypothesis profile:
+#               many more examples than the suite's default run (FUZZ_EXAMPLES overrides it).
 # make bench-env: .venv-bench, the peers' separate venv (torch 2.13.0 CPU first, then transformers[serving]
 #                 for `transformers serve` and generate(), LitServe, py-spy); see docs/BENCHMARKS.md.
 VENV   ?= .venv
@@ -11,7 +13,7 @@ TSTAMP := $(VENV)/.installed-test
 BVENV  ?= .venv-bench
 BSTAMP := $(BVENV)/.installed
 
-.PHONY: install run test lint bench bench-env bench-gen clean
+.PHONY: install run test fuzz lint bench bench-env bench-gen clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -33,6 +35,9 @@ run: install
 
 test: install $(TSTAMP)
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+fuzz: install $(TSTAMP)
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q -ra -p no:cacheprovider tests/test_fuzz_http.py $(PYTEST_ARGS)
 
 lint: $(TSTAMP)
 	$(VENV)/bin/ruff check server models tests bench

@@ -91,7 +91,13 @@ class Config:
     access_log: Path | None = None
     client_max_body_size: int = 64 << 20
     client_body_timeout: float = 60.0
+    client_header_timeout: float = 60.0  # the request line and headers must arrive within this (408)
+    send_timeout: float = 60.0  # a reply that makes no progress this long: the connection is closed
     keepalive_timeout: float = 75.0
+    worker_connections: int = 512  # events { worker_connections N; }: HTTP connections per worker
+    auth_token_file: Path | None = None  # http { auth_token_file PATH; }: Bearer tokens, one per line
+    auth_tokens: tuple[str, ...] = ()  # read from auth_token_file at load (and so on every HUP)
+    auth_metrics: bool = True  # /metrics needs a token too when auth_token_file is set
     zmq_listen: list[Listen] = field(default_factory=list)
     models: dict[str, ModelConf] = field(default_factory=dict)
     run_dir: Path = Path("run")
@@ -303,6 +309,8 @@ def _apply_main(cfg: Config, d: _Directive) -> None:
             cfg.error_log_level = d.args[1]
     elif d.name == "daemon":
         cfg.daemon = d.flag()
+    elif d.name == "events":
+        _apply_block(cfg, d, _apply_events)
     elif d.name == "http":
         _apply_block(cfg, d, _apply_http)
     elif d.name == "zmq":
@@ -339,8 +347,44 @@ def _apply_http(cfg: Config, d: _Directive) -> None:
         cfg.client_body_timeout = d.positive_time()
     elif d.name == "keepalive_timeout":
         cfg.keepalive_timeout = d.convert(parse_time)
+    elif d.name == "client_header_timeout":
+        cfg.client_header_timeout = d.positive_time()
+    elif d.name == "send_timeout":
+        cfg.send_timeout = d.positive_time()
+    elif d.name == "auth_token_file":
+        cfg.auth_token_file = Path(d.one())
+        cfg._auth_where = (d.file, d.line)  # type: ignore[attr-defined]
+    elif d.name == "auth_metrics":
+        cfg.auth_metrics = d.flag()
     else:
         raise d.error(f'unknown directive "{d.name}"')
+
+
+def _apply_events(cfg: Config, d: _Directive) -> None:
+    if d.name == "worker_connections":
+        cfg.worker_connections = d.positive_int()
+        if cfg.worker_connections < 2:
+            raise d.error('"worker_connections" must be at least 2')
+    else:
+        raise d.error(f'unknown directive "{d.name}"')
+
+
+def read_tokens(path: Path) -> tuple[str, ...]:
+    """Bearer tokens: one per line; blank lines and ``#`` comments skipped. Raises ValueError."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f'cannot read auth_token_file "{path}": {exc}') from None
+    tokens = []
+    for line in text.splitlines():
+        token = line.split("#", 1)[0].strip()
+        if token:
+            if any(c.isspace() for c in token) or not token.isascii():
+                raise ValueError(f'auth_token_file "{path}": a token must be printable ASCII without spaces')
+            tokens.append(token)
+    if not tokens:
+        raise ValueError(f'auth_token_file "{path}" holds no token')
+    return tuple(tokens)
 
 
 def _apply_zmq(cfg: Config, d: _Directive) -> None:
@@ -426,6 +470,12 @@ def _resolve(cfg: Config, check_models: bool) -> None:
     cfg.run_dir = cfg.pid.parent
     if cfg.access_log is not None:
         cfg.access_log = absolute(cfg.access_log)
+    if cfg.auth_token_file is not None:
+        cfg.auth_token_file = absolute(cfg.auth_token_file)
+        try:
+            cfg.auth_tokens = read_tokens(cfg.auth_token_file)
+        except ValueError as exc:
+            raise ConfigError(str(exc), *cfg._auth_where) from None  # type: ignore[attr-defined]
     if cfg.worker_processes == 0:
         cfg.worker_processes = cfg.gpus or usable_cpus()
     if isinstance(cfg.worker_cpu_affinity, list) and len(cfg.worker_cpu_affinity) < cfg.worker_processes:

@@ -29,6 +29,12 @@ class BadRequest(ServeError):
     status = 400
 
 
+class Unauthorized(ServeError):
+    """No valid ``Authorization: Bearer`` token (``auth_token_file``); HTTP adds ``WWW-Authenticate: Bearer``."""
+
+    status = 401
+
+
 class NotFound(ServeError, LookupError):
     status = 404
 

@@ -354,3 +354,13 @@ class Load:
                     if attempt == 1 or not reused:
                         self._record(False, f"{type(exc).__name__}: {exc}")
                         break
+
+
+try:  # property-based tests (tests/test_fuzz_http.py): few examples by default, many with HYPOTHESIS_PROFILE=fuzz
+    from hypothesis import settings as _hypothesis_settings
+
+    _hypothesis_settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True)
+    _hypothesis_settings.register_profile("fuzz", max_examples=int(os.environ.get("FUZZ_EXAMPLES", "2000")), deadline=None)
+    _hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+except ImportError:  # the test extra is not installed: those tests fail to import, the others run
+    pass

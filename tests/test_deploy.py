@@ -89,7 +89,9 @@ def _localized(conf: str, tmp: Path) -> str:
         (r"(?m)^(\s*pid\s+)[^;\s]+;", rf"\g<1>{tmp}/run/modelsrv.pid;", "pid"),
         (r"(?m)^(\s*error_log\s+)[^;\s]+", rf"\g<1>{tmp}/logs/error.log", "error_log"),
         (r"(?m)^(\s*access_log\s+)[^;\s]+;", rf"\g<1>{tmp}/logs/access.log;", "access_log"),
+        (r"(?m)^(\s*auth_token_file\s+)[^;\s]+;", rf"\g<1>{tmp}/tokens;", "auth_token_file"),
     ]
+    (tmp / "tokens").write_text("a-token-from-the-mounted-secret\n")
     for pattern, repl, what in subs:
         conf, n = re.subn(pattern, repl, conf)
         assert n >= 1, f"the ConfigMap's srv.conf has no {what} directive to replace"

@@ -639,6 +639,8 @@ def test_gpu_tensor_parallel_example(tmp_path: Path) -> None:
     conf = re.sub(r"(?m)^pid\s+[^;]+;", f"pid {tmp_path}/run/modelsrv.pid;", conf)
     conf = re.sub(r"(?m)^error_log\s+\S+", f"error_log {tmp_path}/error.log", conf)
     conf = re.sub(r"(?m)^(\s*access_log\s+)[^;]+;", rf"\g<1>{tmp_path}/access.log;", conf)
+    conf = re.sub(r"(?m)^(\s*auth_token_file\s+)[^;]+;", rf"\g<1>{tmp_path}/tokens;", conf)
+    (tmp_path / "tokens").write_text("a-token\n")
     path = tmp_path / "conf" / "srv.conf"
     path.parent.mkdir()
     path.write_text(conf)

@@ -23,6 +23,20 @@ from server.logs import Logs, log
 from server.processes.channel import EXIT_FATAL, HEARTBEAT_EVERY, Channel
 from server.serving.loadboard import LoadBoard
 
+_loop_errors_logged: dict[str, float] = {}
+
+
+def _loop_exception(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """Errors the event loop reports itself (an accept() failing for lack of descriptors, say) go
+    to the error log, at most once a second per message, instead of stderr alone."""
+    message = str(context.get("message", "event loop error"))
+    now = time.monotonic()
+    if now - _loop_errors_logged.get(message, -1.0) < 1.0:
+        return
+    _loop_errors_logged[message] = now
+    exc = context.get("exception")
+    log.error("event loop: %s%s", message, f": {exc!r}" if exc is not None else "")
+
 
 def worker_main(cfg: Config, slot: int, generation: int, channel: Channel, listeners: dict[str, socket.socket],
                 gpu: int | None, cores: list[int] | None, tp: dict[str, Any] | None = None) -> int:
@@ -154,6 +168,7 @@ class WorkerProcess:
         from server.serving.engine import Engine
 
         loop = asyncio.get_running_loop()
+        loop.set_exception_handler(_loop_exception)
         for signum, flag in ((signal.SIGQUIT, "quit"), (signal.SIGTERM, "terminate"), (signal.SIGUSR1, "reopen")):
             loop.add_signal_handler(signum, self._flag, flag)
         loop.add_reader(self.channel.fileno(), self._on_channel)
@@ -215,6 +230,9 @@ class WorkerProcess:
         self._close_groups()
         WORKERS_READY.dec()
         self.zmq.close()
+        from server.frontends.http import JsonParser
+
+        JsonParser.close()
         self.engine.close()
         self.ctx.destroy(linger=0)
         self.board.close()
