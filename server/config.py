@@ -51,6 +51,8 @@ class ModelConf:
     kv_cache_tokens: int | None = None  # generation (BLOOM): KV pool in tokens ...
     kv_cache_size: int | None = None  # ... or in bytes; neither: 512m
     max_num_seqs: int = 32  # generation: sequences in the running batch
+    max_image_pixels: int | None = None  # image models: decoded pixels per image; None = the model's default
+    peer_timeout: float | None = None  # a forwarded / split request's deadline at a peer; None = the main one
 
     def slots(self, worker_processes: int) -> list[int]:
         return list(range(worker_processes)) if self.workers is None else list(self.workers)
@@ -82,6 +84,7 @@ class Config:
     worker_cpu_affinity: str | list[list[int]] = "auto"  # auto | off | per-worker core lists
     worker_shutdown_timeout: float = 30.0
     worker_timeout: float = 60.0  # heartbeat: a worker silent that long is killed and respawned
+    peer_timeout: float = 10.0  # a forwarded / split request unanswered that long is retried elsewhere
     worker_load_timeout: float = 600.0  # the same bound while a worker is loading its models
     pid: Path = Path("run/modelsrv.pid")
     error_log: Path = Path("logs/error.log")
@@ -289,6 +292,8 @@ def _apply_main(cfg: Config, d: _Directive) -> None:
         cfg.worker_shutdown_timeout = d.convert(parse_time)
     elif d.name == "worker_timeout":
         cfg.worker_timeout = d.positive_time()
+    elif d.name == "peer_timeout":
+        cfg.peer_timeout = d.positive_time()
     elif d.name == "worker_load_timeout":
         cfg.worker_load_timeout = d.positive_time()
     elif d.name == "pid":
@@ -396,6 +401,12 @@ def _apply_model(cfg: Config, d: _Directive) -> None:
                 raise inner.error('"kv_cache_size" must be greater than 0')
         elif inner.name == "max_num_seqs":
             model.max_num_seqs = inner.positive_int()
+        elif inner.name == "max_image_pixels":
+            model.max_image_pixels = inner.convert(parse_size)
+            if model.max_image_pixels < 1:
+                raise inner.error('"max_image_pixels" must be greater than 0')
+        elif inner.name == "peer_timeout":
+            model.peer_timeout = inner.positive_time()
         elif inner.name == "workers":
             if not inner.args or not all(a.isdigit() for a in inner.args):
                 raise inner.error('"workers" takes worker numbers (0, 1, ...)')

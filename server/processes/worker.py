@@ -90,7 +90,8 @@ def _load_models(cfg: Config, slot: int, tp: dict[str, Any] | None = None,
                     log.info('model "%s" rank %d/%d shard loaded: following rank 0', mc.name, tp["rank"], tp["size"])
                     continue
             else:
-                model = load_model(mc.path, slot_device(cfg, mc, slot))
+                options = {"max_image_pixels": mc.max_image_pixels} if mc.max_image_pixels is not None else None
+                model = load_model(mc.path, slot_device(cfg, mc, slot), options)
                 model.warmup()
         except Exception as exc:
             raise RuntimeError(f'model "{mc.name}" ({mc.path}): {exc}') from exc
@@ -179,7 +180,9 @@ class WorkerProcess:
         for b in batchers.values():
             b.start()
         self.ctx = zmq.asyncio.Context()
-        self.engine = Engine(self.slot, self.generation, models, batchers, meta, self.ctx, generators)
+        self.engine = Engine(self.slot, self.generation, models, batchers, meta, self.ctx, generators,
+                             peer_timeout=self.cfg.peer_timeout,
+                             peer_timeouts={n: mc.peer_timeout for n, mc in self.cfg.models.items() if mc.peer_timeout})
         access = self.logs.access_line
         self.http = HttpServer(self.engine, self.cfg, access, lambda: self.ready)
         self.zmq = ZmqServer(self.engine, self.ctx, access, lambda: self.ready, self.cfg.client_max_body_size)
