@@ -56,7 +56,8 @@ IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
 # encoded ``image`` bytes are decoded whole before Resize(256), so their cost is the source size
 # (measured on 2 shared cores: 1 Mpx JPEG 0.1 s, 4 Mpx 0.4 s, 16 Mpx 0.7 s and +190 MB); FP32
 # ``images`` run the network at their own size (2300x2300: 22 s and 1.7 GB of activations), so
-# their default is lower. A set option applies to both.
+# their default is lower. A set option applies to both (tensors of 224x224, what image bytes
+# become, are always accepted).
 MAX_SOURCE_PIXELS = 16 * 1024 * 1024  # image bytes: a 12 Mpx phone photo fits; 4096x4096 at most
 MAX_TENSOR_PIXELS = 1024 * 1024  # images tensors: 1024x1024 (about 20x the work of 224x224)
 MAX_RESIZED_LONG_SIDE = 32 * RESIZE_SIZE
@@ -351,7 +352,7 @@ class DenseNetModel(Model):
         if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
             raise ValueError(f"densenet: max_image_pixels must be a positive integer, got {limit!r}")
         self.max_image_pixels = limit or MAX_SOURCE_PIXELS
-        self.max_tensor_pixels = limit or MAX_TENSOR_PIXELS
+        self.max_tensor_pixels = max(limit, CROP_SIZE * CROP_SIZE) if limit else MAX_TENSOR_PIXELS  # 224x224 always
         # channels_last runs ~15% faster on CPU (oneDNN) but copies the conv weights out of the
         # shared memory map into every worker, so on the CPU it is opt-in ("channels_last": true);
         # on CUDA the weights are copied to the device anyway.

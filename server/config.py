@@ -96,6 +96,8 @@ class Config:
     client_body_timeout: float = 60.0
     keepalive_timeout: float = 75.0
     zmq_listen: list[Listen] = field(default_factory=list)
+    zmq_curve_server_key: Path | None = None  # CURVE: the server's secret certificate (zmq.auth format)
+    zmq_curve_allowed: Path | None = None  # CURVE: a directory of allowed clients' public certificates, or one file
     models: dict[str, ModelConf] = field(default_factory=dict)
     run_dir: Path = Path("run")
     gpus: int = 0  # visible GPUs, counted without touching CUDA
@@ -351,6 +353,12 @@ def _apply_http(cfg: Config, d: _Directive) -> None:
 def _apply_zmq(cfg: Config, d: _Directive) -> None:
     if d.name == "listen":
         cfg.zmq_listen.append(d.convert(lambda v: parse_listen(v, "tcp")))
+    elif d.name == "curve_server_key_file":
+        cfg.zmq_curve_server_key = Path(d.one())
+        cfg._curve_where = (d.file, d.line)  # type: ignore[attr-defined]
+    elif d.name == "curve_allowed_clients":
+        cfg.zmq_curve_allowed = Path(d.one())
+        cfg._curve_where = (d.file, d.line)  # type: ignore[attr-defined]
     else:
         raise d.error(f'unknown directive "{d.name}"')
 
@@ -422,6 +430,39 @@ def _apply_model(cfg: Config, d: _Directive) -> None:
     cfg.models[name] = model
 
 
+def _check_curve(cfg: Config, absolute: Any) -> None:
+    """Both CURVE directives, readable certificates: a mistake fails the start, not every handshake."""
+    import zmq.auth
+
+    file, line = getattr(cfg, "_curve_where", (cfg.file, None))
+    if cfg.zmq_curve_server_key is None or cfg.zmq_curve_allowed is None:
+        raise ConfigError('"curve_server_key_file" and "curve_allowed_clients" go together', file, line)
+    cfg.zmq_curve_server_key = absolute(cfg.zmq_curve_server_key)
+    cfg.zmq_curve_allowed = absolute(cfg.zmq_curve_allowed)
+    try:
+        public, secret = zmq.auth.load_certificate(cfg.zmq_curve_server_key)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f'"curve_server_key_file": {exc}', file, line) from None
+    if not secret:
+        raise ConfigError(f'"curve_server_key_file": {cfg.zmq_curve_server_key} holds no secret key '
+                          "(give the .key_secret file)", file, line)
+    try:
+        allowed = curve_allowed_keys(cfg.zmq_curve_allowed)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f'"curve_allowed_clients": {exc}', file, line) from None
+    if not allowed:
+        raise ConfigError(f'"curve_allowed_clients": no public key in {cfg.zmq_curve_allowed} (*.key files)', file, line)
+
+
+def curve_allowed_keys(path: Path) -> set[bytes]:
+    """The Z85 public keys of a directory of zmq.auth certificates (``*.key``) or of one certificate file."""
+    import zmq.auth
+
+    if path.is_dir():
+        return set(zmq.auth.load_certificates(str(path)))
+    return {zmq.auth.load_certificate(path)[0]}
+
+
 GENERATION_DIRECTIVES = {"kv_cache_tokens", "kv_cache_size", "max_num_seqs"}
 GENERATIVE_TYPES = {"bloom"}
 
@@ -444,6 +485,8 @@ def _resolve(cfg: Config, check_models: bool) -> None:
             f"worker_cpu_affinity names {len(cfg.worker_cpu_affinity)} masks for {cfg.worker_processes} workers",
             cfg.file,
         )
+    if cfg.zmq_curve_server_key is not None or cfg.zmq_curve_allowed is not None:
+        _check_curve(cfg, absolute)
     if not cfg.http_listen and not cfg.zmq_listen:
         raise ConfigError("no listen directive in an http or zmq block: nothing would be served", cfg.file)
     for model in cfg.models.values():

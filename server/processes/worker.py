@@ -185,7 +185,15 @@ class WorkerProcess:
                              peer_timeouts={n: mc.peer_timeout for n, mc in self.cfg.models.items() if mc.peer_timeout})
         access = self.logs.access_line
         self.http = HttpServer(self.engine, self.cfg, access, lambda: self.ready)
-        self.zmq = ZmqServer(self.engine, self.ctx, access, lambda: self.ready, self.cfg.client_max_body_size)
+        curve = None
+        if self.cfg.zmq_curve_server_key is not None and self.cfg.zmq_curve_allowed is not None:
+            import zmq.auth
+
+            from server.config import curve_allowed_keys
+
+            public, secret = zmq.auth.load_certificate(self.cfg.zmq_curve_server_key)
+            curve = (public, secret, curve_allowed_keys(self.cfg.zmq_curve_allowed))
+        self.zmq = ZmqServer(self.engine, self.ctx, access, lambda: self.ready, self.cfg.client_max_body_size, curve)
         self.http_servers = []
         for key, sock in self.listeners.items():
             kind, host, port = split_listener_key(key)

@@ -278,3 +278,34 @@ def test_errors_that_concern_the_whole_file_name_the_file(tmp_path: Path) -> Non
     assert "2 masks for 3 workers" in str(e) and e.file == tmp_path / "conf" / "srv.conf"
     with pytest.raises(ConfigError, match=re.escape(f'open() "{tmp_path / "nope.conf"}" failed')):
         load_config(tmp_path / "nope.conf")
+
+
+def test_curve_directives_read_the_certificates_at_load(tmp_path: Path) -> None:
+    import zmq.auth
+
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    zmq.auth.create_certificates(keys, "server")
+    zmq.auth.create_certificates(keys, "client")
+    public = zmq.auth.load_certificate(keys / "client.key")[0]
+
+    def zmq_block(*lines: str) -> str:
+        return LISTEN + "zmq {\n    listen tcp://127.0.0.1:5555;\n" + "".join(f"    {x}\n" for x in lines) + "}\n"
+
+    cfg = load(tmp_path, zmq_block("curve_server_key_file keys/server.key_secret;", "curve_allowed_clients keys;"))
+    assert cfg.zmq_curve_server_key == keys / "server.key_secret" and cfg.zmq_curve_allowed == keys
+    from server.config import curve_allowed_keys
+
+    assert public in curve_allowed_keys(cfg.zmq_curve_allowed)
+    assert curve_allowed_keys(keys / "client.key") == {public}  # one file of allowed keys
+    for lines, fragment, line in [
+        (["curve_allowed_clients keys;"], '"curve_server_key_file" and "curve_allowed_clients" go together', 6),
+        (["curve_server_key_file keys/server.key;", "curve_allowed_clients keys;"], "holds no secret key", 7),
+        (["curve_server_key_file keys/none;", "curve_allowed_clients keys;"], '"curve_server_key_file":', 7),
+        (["curve_server_key_file keys/server.key_secret;", "curve_allowed_clients nowhere;"], '"curve_allowed_clients":', 7),
+    ]:
+        e = error(tmp_path, zmq_block(*lines))
+        assert fragment in str(e) and e.line == line, str(e)
+    (tmp_path / "empty").mkdir()
+    e = error(tmp_path, zmq_block("curve_server_key_file keys/server.key_secret;", "curve_allowed_clients empty;"))
+    assert "no public key" in str(e)
