@@ -128,3 +128,51 @@ def test_curve_admits_a_listed_client_key_and_ignores_others(curve_server) -> No
         assert e.value.code == 504 and time.monotonic() - started < 5, kw
     with pytest.raises(ValueError, match="both"):
         Client(curve_server.zmq_address, curve_server_key=keys / "server.key")
+
+
+# -- fuzzing the ZeroMQ front door -----------------------------------------------------------------
+
+def test_random_multipart_messages_get_4xx_or_503_and_the_workers_survive(two_workers) -> None:
+    """A bounded number of hostile messages (tests/wire_strategies.py) on one connection: each is
+    followed by a ``live`` request, so every reply is read before the next message goes."""
+    import zmq
+    from hypothesis import HealthCheck, Phase, given, settings
+
+    from server import wire
+    from tests.wire_strategies import messages
+
+    pids = sorted(two_workers.worker_pids())
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(two_workers.zmq_address)
+    codes: dict[int, int] = {}
+    sync = iter(range(10**9))
+
+    @settings(max_examples=100, deadline=None, derandomize=True, database=None, phases=[Phase.generate],
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(messages)
+    def one(frames: list[bytes]) -> None:
+        marker = f"sync-{next(sync)}"
+        sock.send_multipart(frames)
+        sock.send_multipart(wire.request("live", marker))
+        deadline = time.monotonic() + 10
+        while True:  # the replies up to the marker's (an infer's may come later: checked the same way)
+            assert sock.poll(max(0.0, deadline - time.monotonic()) * 1000), f"no answer to live after {frames!r}"
+            header = wire.unpack(sock.recv_multipart()[0])
+            if header.get("id") == marker:
+                break
+            code = 200 if header.get("ok") else header.get("code")
+            codes[code] = codes.get(code, 0) + 1
+            assert code in (200, 400, 404, 413, 503), (frames, header)
+
+    try:
+        one()
+    finally:
+        sock.close(linger=0)
+    assert sorted(two_workers.worker_pids()) == pids  # none died, none was replaced
+    assert "zmq request failed" not in two_workers.log_text()  # no 500 was logged
+    with Client(two_workers.zmq_address, timeout=20) as c:
+        assert c.infer("tiny", {"images": np.zeros((1, 3, 32, 32), np.float32)})["logits"].shape[0] == 1
+    assert codes.get(400, 0) > 50, codes  # the messages reached the handler, not just the socket
+
