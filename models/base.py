@@ -140,10 +140,14 @@ def read_config(folder: Path) -> dict[str, Any]:
     return config
 
 
-def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Model:
-    """Build the model that ``folder/config.json`` names, with its weights, on ``device``, in eval mode."""
+def load_model(folder: str | Path, device: str | torch.device = "cpu", options: Mapping[str, Any] | None = None) -> Model:
+    """Build the model that ``folder/config.json`` names, with its weights, on ``device``, in eval mode.
+
+    ``options`` (the server's model-block settings a model reads, e.g. ``max_image_pixels``) are
+    laid over config.json; a model ignores options it does not know.
+    """
     folder = Path(folder)
-    config = read_config(folder)
+    config = {**read_config(folder), **(options or {})}
     from models.catalog import model_class
 
     cls = model_class(config["model_type"])

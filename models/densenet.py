@@ -52,7 +52,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
 # Decompression bombs and absurd aspect ratios: Resize(256) scales the SHORT side to 256, so a
 # 1x100000 picture would become 256x25600000. Both are refused rather than padded or cropped early.
-MAX_SOURCE_PIXELS = 64 * 1024 * 1024
+# The pixel limits are the ``max_image_pixels`` model option (the server's directive of that name):
+# encoded ``image`` bytes are decoded whole before Resize(256), so their cost is the source size
+# (measured on 2 shared cores: 1 Mpx JPEG 0.1 s, 4 Mpx 0.4 s, 16 Mpx 0.7 s and +190 MB); FP32
+# ``images`` run the network at their own size (2300x2300: 22 s and 1.7 GB of activations), so
+# their default is lower. A set option applies to both (tensors of 224x224, what image bytes
+# become, are always accepted).
+MAX_SOURCE_PIXELS = 16 * 1024 * 1024  # image bytes: a 12 Mpx phone photo fits; 4096x4096 at most
+MAX_TENSOR_PIXELS = 1024 * 1024  # images tensors: 1024x1024, 2.5 s on one core (224x224: 0.09 s)
 MAX_RESIZED_LONG_SIDE = 32 * RESIZE_SIZE
 
 
@@ -263,19 +270,34 @@ def center_crop(img: Image.Image, size: int = CROP_SIZE) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def decode_and_crop(data: bytes) -> torch.Tensor:
-    """Image bytes -> uint8 [3,224,224] RGB after Resize(256) + CenterCrop(224). ValueError if unusable."""
+def clean_message(text: str) -> str:
+    """An exception's text without object reprs and heap addresses (``<_io.BytesIO object at 0x7f..>``)."""
+    text = re.sub(r"<[^<>]*\bat 0x[0-9a-fA-F]+>", "the data", text)
+    return re.sub(r"\b0x[0-9a-fA-F]{6,}\b", "0x...", text)
+
+
+def too_many_pixels(what: str, limit: int) -> str:
+    return f"{what} is more than the {limit} allowed (max_image_pixels {limit})"
+
+
+def decode_and_crop(data: bytes, max_pixels: int = MAX_SOURCE_PIXELS) -> torch.Tensor:
+    """Image bytes -> uint8 [3,224,224] RGB after Resize(256) + CenterCrop(224). ValueError if unusable.
+
+    The size is checked from the header (``Image.open`` reads no pixel) before anything is decoded.
+    """
     try:
         img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
         width, height = img.size
-        if width * height > MAX_SOURCE_PIXELS:
-            raise ValueError(f"{width}x{height} pixels is more than the {MAX_SOURCE_PIXELS} allowed")
+        if width * height > max_pixels:
+            raise ValueError(too_many_pixels(f"{width}x{height} pixels", max_pixels))
         # convert('RGB') DROPS alpha (no compositing), as torchvision's pil_loader does.
         img = img.convert("RGB")
     except ValueError:
         raise
-    except Exception as exc:  # UnidentifiedImageError, truncated data, decoder errors, bombs
-        raise ValueError(f"cannot decode image ({type(exc).__name__}: {exc})") from None
+    except Image.DecompressionBombError:  # PIL's own check, above 2**27 pixels: before ours, in open()
+        raise ValueError(too_many_pixels("the number of pixels", max_pixels)) from None
+    except Exception as exc:  # UnidentifiedImageError, truncated data, decoder errors
+        raise ValueError(f"cannot decode image ({type(exc).__name__}: {clean_message(str(exc))})") from None
     if min(width, height) < 1:
         raise ValueError("image has no pixels")
     new_w, new_h = resized_size(width, height)
@@ -325,6 +347,12 @@ class DenseNetModel(Model):
         self.module = module
         self.num_classes = cfg.num_classes
         self.min_size = min_input_size(len(cfg.block_config))
+        # the server's max_image_pixels directive arrives as a config option (load_model(options=))
+        limit = config.get("max_image_pixels")
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+            raise ValueError(f"densenet: max_image_pixels must be a positive integer, got {limit!r}")
+        self.max_image_pixels = limit or MAX_SOURCE_PIXELS
+        self.max_tensor_pixels = max(limit, CROP_SIZE * CROP_SIZE) if limit else MAX_TENSOR_PIXELS  # 224x224 always
         # channels_last runs ~15% faster on CPU (oneDNN) but copies the conv weights out of the
         # shared memory map into every worker, so on the CPU it is opt-in ("channels_last": true);
         # on CUDA the weights are copied to the device anyway.
@@ -360,13 +388,15 @@ class DenseNetModel(Model):
                 raise InputError(
                     f"input 'images' is {h}x{w}; this model needs at least {self.min_size}x{self.min_size}"
                 )
+            if h * w > self.max_tensor_pixels:
+                raise InputError(f"input 'images': {too_many_pixels(f'{h}x{w}', self.max_tensor_pixels)}")
             return {"images": torch.tensor(images)}  # a copy: the request buffer may be read-only
         crops = []
         for i, data in enumerate(inputs["image"]):
             if not isinstance(data, bytes | bytearray | memoryview):
                 raise InputError(f"input 'image' item {i}: expected bytes, got {type(data).__name__}")
             try:
-                crops.append(decode_and_crop(bytes(data)))
+                crops.append(decode_and_crop(bytes(data), self.max_image_pixels))
             except ValueError as exc:
                 raise InputError(f"input 'image' item {i}: {exc}") from None
         return {"images": normalize(torch.stack(crops))}  # [N,3,224,224]

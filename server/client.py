@@ -15,12 +15,22 @@ worker that said it is draining — with a short back-off, and raise ``ModelsrvE
 ``generate`` yields the chunks of a text generation as the server produces them (op ``generate``,
 docs/PROTOCOL.md); closing the iterator early (``break`` out of the loop, ``close()``) sends
 ``cancel``, so the server frees the sequence's slot and KV cache.
+
+A server with CURVE (docs/PROTOCOL.md, "Encryption and client keys") needs its public key and
+this client's key pair, as Z85 keys or as zmq.auth certificate files:
+
+    Client(address, curve_server_key="certs/server.key",
+           curve_client_keys="certs/client.key_secret")  # or (public, secret) Z85 bytes
+
+A key the server does not list gets no answer at all (libzmq drops the handshake): a 504 after
+``timeout``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
@@ -32,6 +42,40 @@ import zmq.asyncio
 from server import wire
 
 RETRYABLE = {503}
+
+def curve_options(server_key: Any = None, client_keys: Any = None) -> dict[int, bytes]:
+    """Socket options for a CURVE client: ``server_key`` a Z85 public key or a certificate file,
+    ``client_keys`` a (public, secret) pair of Z85 keys or a secret certificate file."""
+    if server_key is None and client_keys is None:
+        return {}
+    if server_key is None or client_keys is None:
+        raise ValueError("CURVE needs both the server's public key and this client's key pair")
+    import zmq.auth
+
+    if not _is_z85(server_key):
+        server_key = zmq.auth.load_certificate(os.fspath(server_key))[0]
+    if isinstance(client_keys, tuple | list):
+        public, secret = (k.encode() if isinstance(k, str) else bytes(k) for k in client_keys)
+    else:
+        public, secret = zmq.auth.load_certificate(os.fspath(client_keys))
+        if not secret:
+            raise ValueError(f"{client_keys}: no secret key (give the .key_secret certificate)")
+    server = server_key.encode() if isinstance(server_key, str) else bytes(server_key)
+    return {zmq.CURVE_SERVERKEY: server, zmq.CURVE_PUBLICKEY: public, zmq.CURVE_SECRETKEY: secret}
+
+
+def _is_z85(value: Any) -> bool:
+    """A 40-character Z85 key (a file name of 40 characters without a path is unlikely enough)."""
+    return isinstance(value, str | bytes) and len(value) == 40 and not os.path.exists(value)
+
+
+def _socket(ctx: zmq.Context, address: str, curve: Mapping[int, bytes]) -> zmq.Socket:
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    for option, value in curve.items():
+        s.setsockopt(option, value)
+    s.connect(address)
+    return s
 
 
 class ModelsrvError(Exception):
@@ -69,18 +113,17 @@ def _result(header: dict[str, Any], frames: list[Any]) -> dict[str, Any]:
 
 class Client:
     def __init__(self, address: str = "tcp://127.0.0.1:5555", timeout: float = 30.0, retries: int = 3,
-                 connections: int = 1, backoff: float = 0.05) -> None:
+                 connections: int = 1, backoff: float = 0.05, curve_server_key: Any = None,
+                 curve_client_keys: Any = None) -> None:
         self.address, self.timeout, self.retries, self.backoff = address, timeout, retries, backoff
+        self.curve = curve_options(curve_server_key, curve_client_keys)
         self.ctx = zmq.Context.instance()
         self.sockets = [self._connect() for _ in range(max(1, connections))]
         self.turn = itertools.cycle(range(len(self.sockets)))
         self.ids = itertools.count()
 
     def _connect(self) -> zmq.Socket:
-        s = self.ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
-        s.connect(self.address)
-        return s
+        return _socket(self.ctx, self.address, self.curve)
 
     def _replace(self, i: int) -> None:
         self.sockets[i].close(linger=0)
@@ -214,10 +257,8 @@ class Client:
 class _Connection:
     """One DEALER socket and the requests waiting on it."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, address: str) -> None:
-        self.socket = ctx.socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.connect(address)
+    def __init__(self, ctx: zmq.asyncio.Context, address: str, curve: Mapping[int, bytes] | None = None) -> None:
+        self.socket = _socket(ctx, address, curve or {})
         self.waiting: dict[int, asyncio.Future] = {}
         self.retired = False
         self.reader = asyncio.get_running_loop().create_task(self._read())
@@ -251,8 +292,10 @@ class _Connection:
 
 class AsyncClient:
     def __init__(self, address: str = "tcp://127.0.0.1:5555", timeout: float = 30.0, retries: int = 3,
-                 connections: int = 4, backoff: float = 0.05) -> None:
+                 connections: int = 4, backoff: float = 0.05, curve_server_key: Any = None,
+                 curve_client_keys: Any = None) -> None:
         self.address, self.timeout, self.retries, self.backoff = address, timeout, retries, backoff
+        self.curve = curve_options(curve_server_key, curve_client_keys)
         self.n = max(1, connections)
         self.ctx = zmq.asyncio.Context.instance()
         self.conns: list[_Connection] = []
@@ -261,11 +304,11 @@ class AsyncClient:
 
     def _pick(self) -> _Connection:
         if len(self.conns) < self.n:
-            self.conns.append(_Connection(self.ctx, self.address))
+            self.conns.append(_Connection(self.ctx, self.address, self.curve))
         i = next(self.turn) % len(self.conns)
         conn = self.conns[i]
         if conn.retired:  # the worker behind it is draining: open a new connection instead
-            conn = self.conns[i] = _Connection(self.ctx, self.address)
+            conn = self.conns[i] = _Connection(self.ctx, self.address, self.curve)
         return conn
 
     async def call(self, op: str, model: str | None = None, inputs: Mapping[str, Any] | None = None,

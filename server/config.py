@@ -51,6 +51,8 @@ class ModelConf:
     kv_cache_tokens: int | None = None  # generation (BLOOM): KV pool in tokens ...
     kv_cache_size: int | None = None  # ... or in bytes; neither: 512m
     max_num_seqs: int = 32  # generation: sequences in the running batch
+    max_image_pixels: int | None = None  # image models: decoded pixels per image; None = the model's default
+    peer_timeout: float | None = None  # a forwarded / split request's deadline at a peer; None = the main one
 
     def slots(self, worker_processes: int) -> list[int]:
         return list(range(worker_processes)) if self.workers is None else list(self.workers)
@@ -82,6 +84,7 @@ class Config:
     worker_cpu_affinity: str | list[list[int]] = "auto"  # auto | off | per-worker core lists
     worker_shutdown_timeout: float = 30.0
     worker_timeout: float = 60.0  # heartbeat: a worker silent that long is killed and respawned
+    peer_timeout: float = 10.0  # a forwarded / split request unanswered that long is retried elsewhere
     worker_load_timeout: float = 600.0  # the same bound while a worker is loading its models
     pid: Path = Path("run/modelsrv.pid")
     error_log: Path = Path("logs/error.log")
@@ -99,6 +102,8 @@ class Config:
     auth_tokens: tuple[str, ...] = ()  # read from auth_token_file at load (and so on every HUP)
     auth_metrics: bool = True  # /metrics needs a token too when auth_token_file is set
     zmq_listen: list[Listen] = field(default_factory=list)
+    zmq_curve_server_key: Path | None = None  # CURVE: the server's secret certificate (zmq.auth format)
+    zmq_curve_allowed: Path | None = None  # CURVE: a directory of allowed clients' public certificates, or one file
     models: dict[str, ModelConf] = field(default_factory=dict)
     run_dir: Path = Path("run")
     gpus: int = 0  # visible GPUs, counted without touching CUDA
@@ -295,6 +300,8 @@ def _apply_main(cfg: Config, d: _Directive) -> None:
         cfg.worker_shutdown_timeout = d.convert(parse_time)
     elif d.name == "worker_timeout":
         cfg.worker_timeout = d.positive_time()
+    elif d.name == "peer_timeout":
+        cfg.peer_timeout = d.positive_time()
     elif d.name == "worker_load_timeout":
         cfg.worker_load_timeout = d.positive_time()
     elif d.name == "pid":
@@ -390,6 +397,12 @@ def read_tokens(path: Path) -> tuple[str, ...]:
 def _apply_zmq(cfg: Config, d: _Directive) -> None:
     if d.name == "listen":
         cfg.zmq_listen.append(d.convert(lambda v: parse_listen(v, "tcp")))
+    elif d.name == "curve_server_key_file":
+        cfg.zmq_curve_server_key = Path(d.one())
+        cfg._curve_where = (d.file, d.line)  # type: ignore[attr-defined]
+    elif d.name == "curve_allowed_clients":
+        cfg.zmq_curve_allowed = Path(d.one())
+        cfg._curve_where = (d.file, d.line)  # type: ignore[attr-defined]
     else:
         raise d.error(f'unknown directive "{d.name}"')
 
@@ -440,6 +453,12 @@ def _apply_model(cfg: Config, d: _Directive) -> None:
                 raise inner.error('"kv_cache_size" must be greater than 0')
         elif inner.name == "max_num_seqs":
             model.max_num_seqs = inner.positive_int()
+        elif inner.name == "max_image_pixels":
+            model.max_image_pixels = inner.convert(parse_size)
+            if model.max_image_pixels < 1:
+                raise inner.error('"max_image_pixels" must be greater than 0')
+        elif inner.name == "peer_timeout":
+            model.peer_timeout = inner.positive_time()
         elif inner.name == "workers":
             if not inner.args or not all(a.isdigit() for a in inner.args):
                 raise inner.error('"workers" takes worker numbers (0, 1, ...)')
@@ -453,6 +472,39 @@ def _apply_model(cfg: Config, d: _Directive) -> None:
     model._generation = sorted(seen & GENERATION_DIRECTIVES)  # type: ignore[attr-defined]
     model._where = (d.file, d.line)  # type: ignore[attr-defined]
     cfg.models[name] = model
+
+
+def _check_curve(cfg: Config, absolute: Any) -> None:
+    """Both CURVE directives, readable certificates: a mistake fails the start, not every handshake."""
+    import zmq.auth
+
+    file, line = getattr(cfg, "_curve_where", (cfg.file, None))
+    if cfg.zmq_curve_server_key is None or cfg.zmq_curve_allowed is None:
+        raise ConfigError('"curve_server_key_file" and "curve_allowed_clients" go together', file, line)
+    cfg.zmq_curve_server_key = absolute(cfg.zmq_curve_server_key)
+    cfg.zmq_curve_allowed = absolute(cfg.zmq_curve_allowed)
+    try:
+        public, secret = zmq.auth.load_certificate(cfg.zmq_curve_server_key)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f'"curve_server_key_file": {exc}', file, line) from None
+    if not secret:
+        raise ConfigError(f'"curve_server_key_file": {cfg.zmq_curve_server_key} holds no secret key '
+                          "(give the .key_secret file)", file, line)
+    try:
+        allowed = curve_allowed_keys(cfg.zmq_curve_allowed)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f'"curve_allowed_clients": {exc}', file, line) from None
+    if not allowed:
+        raise ConfigError(f'"curve_allowed_clients": no public key in {cfg.zmq_curve_allowed} (*.key files)', file, line)
+
+
+def curve_allowed_keys(path: Path) -> set[bytes]:
+    """The Z85 public keys of a directory of zmq.auth certificates (``*.key``) or of one certificate file."""
+    import zmq.auth
+
+    if path.is_dir():
+        return set(zmq.auth.load_certificates(str(path)))
+    return {zmq.auth.load_certificate(path)[0]}
 
 
 GENERATION_DIRECTIVES = {"kv_cache_tokens", "kv_cache_size", "max_num_seqs"}
@@ -483,6 +535,8 @@ def _resolve(cfg: Config, check_models: bool) -> None:
             f"worker_cpu_affinity names {len(cfg.worker_cpu_affinity)} masks for {cfg.worker_processes} workers",
             cfg.file,
         )
+    if cfg.zmq_curve_server_key is not None or cfg.zmq_curve_allowed is not None:
+        _check_curve(cfg, absolute)
     if not cfg.http_listen and not cfg.zmq_listen:
         raise ConfigError("no listen directive in an http or zmq block: nothing would be served", cfg.file)
     for model in cfg.models.values():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -290,3 +291,51 @@ def test_config_validates_and_round_trips():
                          ({"num_classes": True}, "num_classes"), ({"channels_last": "yes"}, "channels_last")]:
         with pytest.raises(ValueError, match=message):
             DenseNetConfig.from_dict(bad)
+
+
+# -- hostile images (issue 10) -------------------------------------------------------------------
+def _jpeg_header_only(width: int, height: int) -> bytes:
+    """A JPEG whose header claims width x height: PIL reads the size without decoding any pixel."""
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buf, format="JPEG")
+    data = bytearray(buf.getvalue())
+    sof = data.index(b"\xff\xc0")  # baseline start-of-frame: length(2) precision(1) height(2) width(2)
+    data[sof + 5 : sof + 7] = height.to_bytes(2, "big")
+    data[sof + 7 : sof + 9] = width.to_bytes(2, "big")
+    return bytes(data)
+
+
+def test_image_pixels_are_limited_before_decoding(tmp_path, tiny_case):
+    """The limit is read from the header: a 60000x60000 claim is refused at once, with the limit named."""
+    import time
+
+    from models.base import load_model as load
+
+    started = time.perf_counter()
+    tiny = load(fixture("densenet_tiny") / "model")
+    for side in (5000, 60000):  # 60000: PIL's own bomb check fires first (an error of its own)
+        with pytest.raises(InputError, match=r"item 0: .*pixels.*\(max_image_pixels 16777216\)"):
+            tiny.prepare({"image": [_jpeg_header_only(side, side)]}, {})
+    assert time.perf_counter() - started < 5.0
+    small = load(fixture("densenet_tiny") / "model", options={"max_image_pixels": 1000})
+    assert small.max_image_pixels == 1000
+    with pytest.raises(InputError, match=r"item 0: 40x30 pixels .*max_image_pixels 1000"):
+        small.prepare({"image": [_png((40, 30))]}, {})
+    assert small.prepare({"image": [_png((30, 30))]}, {})["images"].shape == (1, 3, 224, 224)
+
+
+def test_images_tensor_pixels_are_limited(tiny):
+    """FP32 ``images`` run the network at their own size: 2300x2300 took 22 s and 1.7 GB of activations."""
+    big = np.zeros((1, 3, 1100, 1000), np.float32)
+    with pytest.raises(InputError, match=r"1100x1000 .*max_image_pixels"):
+        tiny.prepare({"images": big}, {})
+    assert tiny.prepare({"images": np.zeros((1, 3, 1024, 1024), np.float32)}, {})["images"].shape[2:] == (1024, 1024)
+
+
+@pytest.mark.parametrize("data", [b"\x89PNG garbage, not an image", b"", _png()[:60], b"GIF89a" + b"\0" * 40])
+def test_image_errors_show_no_heap_addresses(tiny, data):
+    with pytest.raises(InputError) as e:
+        tiny.prepare({"image": [data]}, {})
+    assert not re.search(r"0x[0-9a-f]{4,}|<.* at ", str(e.value)), str(e.value)

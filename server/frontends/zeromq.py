@@ -12,6 +12,11 @@ Draining happens in the protocol: a draining worker still answers, marks each re
 (``accepted: true``, ``prompt_tokens``), then one reply per chunk of text, the last with
 ``final: true`` (an error reply also ends the stream). ``cancel`` with the same id, from the
 same connection, stops it (a ZeroMQ ROUTER cannot see a client go away).
+
+With CURVE configured (``curve_server_key_file``, ``curve_allowed_clients``), the TCP sockets
+encrypt and a ZAP handler on the worker's context (pyzmq's ThreadAuthenticator) admits only the
+listed client keys; libzmq drops any other handshake without a word, so such a client just
+times out. The internal ipc sockets stay plain (NULL, no ZAP domain: never asked).
 """
 
 from __future__ import annotations
@@ -31,13 +36,16 @@ from server.errors import BadRequest, NotFound, status_of
 from server.logs import access_stamp, log
 from server.serving.engine import Engine
 
+ZAP_DOMAIN = "modelsrv"
 POLLIN = int(zmq.POLLIN)  # a plain int: enum.Flag arithmetic shows up in per-message profiles
 
 
 class ZmqServer:
     def __init__(self, engine: Engine, ctx: zmq.asyncio.Context, access: Callable[[str], None],
-                 is_ready: Callable[[], bool], max_message: int) -> None:
+                 is_ready: Callable[[], bool], max_message: int,
+                 curve: tuple[bytes, bytes, set[bytes]] | None = None) -> None:
         self.engine = engine
+        self.curve = curve  # (server public, server secret, allowed client public keys), Z85
         self.max_message = max_message
         # plain sockets on the worker's context: the front door reads them from the event loop
         # itself (add_reader + non-blocking receives), which costs far less per message than
@@ -51,15 +59,34 @@ class ZmqServer:
         self.draining = False
         self.drops, self.drop_logged = 0, 0.0
         self.streams: dict[tuple[str, bytes, bytes], asyncio.Task] = {}  # (protocol, identity, packed id) -> generation
+        self.auth: Any = None  # the ZAP handler (CURVE only)
 
     def bind_inherited(self, sock: socket.socket, host: str, port: int) -> None:
         router = self._router()
+        if self.curve is not None:
+            self._secure(router)
         router.setsockopt(zmq.USE_FD, os.dup(sock.fileno()))  # libzmq owns (and closes) the duplicate
         if ":" in host:
             router.setsockopt(zmq.IPV6, 1)
             host = f"[{host}]"
         router.bind(f"tcp://{host}:{port}")
         self._serve(router, "zmq")
+
+    def _secure(self, router: zmq.Socket) -> None:
+        """CURVE server with ZAP: the authenticator must run before the bind (without a ZAP handler,
+        libzmq would let any CURVE client in)."""
+        assert self.curve is not None
+        public, secret, allowed = self.curve
+        if self.auth is None:
+            from zmq.auth.thread import ThreadAuthenticator
+
+            self.auth = ThreadAuthenticator(self.ctx, log=log)
+            self.auth.start()
+            self.auth.certs[ZAP_DOMAIN] = dict.fromkeys(allowed, True)
+        router.curve_server = True
+        router.curve_publickey = public
+        router.curve_secretkey = secret
+        router.zap_domain = ZAP_DOMAIN.encode()
 
     def bind_internal(self, endpoint: str) -> None:
         router = self._router()
@@ -242,6 +269,9 @@ class ZmqServer:
         for s in self.sockets:
             loop.remove_reader(s.FD)
             s.close(linger=500)
+        if self.auth is not None:
+            self.auth.stop()
+            self.auth = None
 
 
 def header_op(frames: list[Any]) -> Any:

@@ -104,7 +104,8 @@ def _load_models(cfg: Config, slot: int, tp: dict[str, Any] | None = None,
                     log.info('model "%s" rank %d/%d shard loaded: following rank 0', mc.name, tp["rank"], tp["size"])
                     continue
             else:
-                model = load_model(mc.path, slot_device(cfg, mc, slot))
+                options = {"max_image_pixels": mc.max_image_pixels} if mc.max_image_pixels is not None else None
+                model = load_model(mc.path, slot_device(cfg, mc, slot), options)
                 model.warmup()
         except Exception as exc:
             raise RuntimeError(f'model "{mc.name}" ({mc.path}): {exc}') from exc
@@ -194,10 +195,20 @@ class WorkerProcess:
         for b in batchers.values():
             b.start()
         self.ctx = zmq.asyncio.Context()
-        self.engine = Engine(self.slot, self.generation, models, batchers, meta, self.ctx, generators)
+        self.engine = Engine(self.slot, self.generation, models, batchers, meta, self.ctx, generators,
+                             peer_timeout=self.cfg.peer_timeout,
+                             peer_timeouts={n: mc.peer_timeout for n, mc in self.cfg.models.items() if mc.peer_timeout})
         access = self.logs.access_line
         self.http = HttpServer(self.engine, self.cfg, access, lambda: self.ready)
-        self.zmq = ZmqServer(self.engine, self.ctx, access, lambda: self.ready, self.cfg.client_max_body_size)
+        curve = None
+        if self.cfg.zmq_curve_server_key is not None and self.cfg.zmq_curve_allowed is not None:
+            import zmq.auth
+
+            from server.config import curve_allowed_keys
+
+            public, secret = zmq.auth.load_certificate(self.cfg.zmq_curve_server_key)
+            curve = (public, secret, curve_allowed_keys(self.cfg.zmq_curve_allowed))
+        self.zmq = ZmqServer(self.engine, self.ctx, access, lambda: self.ready, self.cfg.client_max_body_size, curve)
         if not await self._wait_for_rank0():  # the group broke, or we were told to stop, before it served
             self.zmq.close()
             self.engine.close()

@@ -26,7 +26,17 @@ from server.logs import log
 from server.serving.batcher import Batcher, Timing, request_size
 from server.serving.loadboard import PeerLoad
 
-PEER_TIMEOUT = 300.0  # a bound for a forwarded request; a dead peer is noticed sooner, via the master
+# A forwarded or split request's deadline at a peer (the ``peer_timeout`` directive). A dead peer
+# is noticed via the master; a frozen one (SIGSTOP, a stuck event loop) only by the heartbeat, 60 s
+# later, so each request bounds its own wait: inference past it is retried elsewhere (idempotent);
+# a generation is retried only if the peer never accepted it. 10 s: a full DenseNet-121 batch of 8
+# takes 1.5 s on one CPU core (bench/results), so a live peer answers well within it unless its
+# queue is several batches deep, and a false alarm costs one duplicate computation, not an error.
+PEER_TIMEOUT = 10.0
+
+
+class PeerTimeout(PeerUnavailable):
+    """A peer did not answer in time: the request is retried elsewhere when that is safe (503 if not)."""
 
 
 @dataclass
@@ -40,14 +50,17 @@ class Peer:
     outstanding: int = 0
     waiting: dict[int, asyncio.Future | asyncio.Queue] = field(default_factory=dict)  # Queue: a generation stream
     accepting: bool = True  # False: draining (it answers what it holds, takes nothing new)
+    stalled: bool = False  # it let a request time out and has sent nothing since: picked last
     reader: asyncio.Task | None = None
 
 
 class PeerStream:
     """A generation running on a peer: its replies, one per chunk, arrive on a queue (see Engine.generate)."""
 
-    def __init__(self, engine: Engine, peer: Peer, request_id: int, queue: asyncio.Queue, prompt_tokens: int) -> None:
+    def __init__(self, engine: Engine, peer: Peer, request_id: int, queue: asyncio.Queue, prompt_tokens: int,
+                 timeout: float = PEER_TIMEOUT) -> None:
         self.engine, self.peer, self.request_id, self.queue = engine, peer, request_id, queue
+        self.timeout = timeout
         self.prompt_tokens = prompt_tokens
         self.done = False
 
@@ -58,10 +71,11 @@ class PeerStream:
         if self.done:
             raise StopAsyncIteration
         try:
-            item = await asyncio.wait_for(self.queue.get(), PEER_TIMEOUT)
+            item = await asyncio.wait_for(self.queue.get(), self.timeout)
         except asyncio.TimeoutError:
-            self.cancel()
-            raise RequestTimeout(f"peer {self.peer.key} sent nothing for {PEER_TIMEOUT:g}s") from None
+            self.peer.stalled = True
+            self.cancel()  # tokens may have reached the client already: no retry, an error
+            raise RequestTimeout(f"peer {self.peer.key} sent nothing for {self.timeout:g}s (peer_timeout)") from None
         except BaseException:
             self.cancel()
             raise
@@ -101,7 +115,8 @@ class PeerStream:
 
 class Engine:
     def __init__(self, slot: int, generation: int, models: dict[str, Model], batchers: dict[str, Batcher],
-                 meta: dict[str, dict[str, Any]], ctx: zmq.asyncio.Context, generators: dict[str, Any] | None = None) -> None:
+                 meta: dict[str, dict[str, Any]], ctx: zmq.asyncio.Context, generators: dict[str, Any] | None = None,
+                 peer_timeout: float = PEER_TIMEOUT, peer_timeouts: Mapping[str, float] | None = None) -> None:
         self.slot, self.generation = slot, generation
         self.models = models
         self.meta = meta
@@ -111,6 +126,12 @@ class Engine:
         self.peers: dict[str, Peer] = {}
         self.ids = itertools.count()
         self.draining = False  # set when the worker quits: new work goes to peers that are not
+        self.peer_timeout = peer_timeout  # the main context's peer_timeout ...
+        self.peer_timeouts = dict(peer_timeouts or {})  # ... and the models' own
+
+    def timeout_for(self, name: str) -> float:
+        """How long a request for ``name`` may wait for a peer's answer (or a generation's next chunk)."""
+        return self.peer_timeouts.get(name, self.peer_timeout)
 
     # -- the peer table ----------------------------------------------------------------------------
     def set_peers(self, table: list[dict[str, Any]]) -> None:
@@ -199,7 +220,7 @@ class Engine:
         if gen is not None and (forwarded or not (self.draining and hosts)):
             return gen.submit(request)
         last: BaseException = PeerUnavailable(f"no worker hosting {name!r} is reachable")
-        for peer in sorted(hosts, key=lambda p: p.outstanding):
+        for peer in sorted(hosts, key=lambda p: (p.stalled, p.outstanding)):
             try:
                 return await self._generate_on_peer(peer, name, request)
             except PeerUnavailable as exc:
@@ -214,7 +235,8 @@ class Engine:
         queue: asyncio.Queue = asyncio.Queue()
         peer.waiting[request_id] = queue
         peer.outstanding += 1
-        stream = PeerStream(self, peer, request_id, queue, 0)
+        timeout = self.timeout_for(name)
+        stream = PeerStream(self, peer, request_id, queue, 0, timeout)
         try:
             header = wire.pack({"op": "generate", "id": request_id, "model": name, "parameters": dict(request), "fwd": True})
             try:
@@ -222,9 +244,11 @@ class Engine:
             except (asyncio.TimeoutError, zmq.ZMQError) as exc:
                 raise PeerUnavailable(f"peer {peer.key} not reachable: {exc}") from None
             try:
-                first = await asyncio.wait_for(queue.get(), PEER_TIMEOUT)
-            except asyncio.TimeoutError:
-                raise RequestTimeout(f"peer {peer.key} did not answer within {PEER_TIMEOUT:g}s") from None
+                first = await asyncio.wait_for(queue.get(), timeout)
+            except asyncio.TimeoutError:  # not accepted: nothing streamed yet, safe to try elsewhere
+                peer.stalled = True
+                stream.cancel()
+                raise PeerTimeout(f"peer {peer.key} did not accept the generation within {timeout:g}s (peer_timeout)") from None
             if isinstance(first, BaseException):
                 raise first
             if not first.get("ok"):
@@ -275,6 +299,7 @@ class Engine:
         small: a peer with less than half our load takes the request.
         """
         mine = batcher.outstanding + 1  # this request included
+        hosts = [p for p in hosts if not p.stalled]
         if mine < 2 or not hosts:
             return None
         best = min(hosts, key=lambda p: self._peer_load(p, batcher.name))
@@ -290,7 +315,7 @@ class Engine:
         """Split a request larger than max_batch_size over this worker and its peers; gather in order."""
         batcher.check_room()  # the request is admitted once; its chunks then queue without a second check
         chunks = [{k: v[i : i + limit] for k, v in inputs.items()} for i in range(0, size, limit)]
-        targets: list[Peer | None] = [None, *hosts]
+        targets: list[Peer | None] = [None, *(p for p in hosts if not p.stalled)]
 
         async def run(chunk, where):
             if where is None:
@@ -321,7 +346,7 @@ class Engine:
             left = [p for p in self.hosts(name) if p.key not in tried] if tried else hosts
             if not left:
                 raise last
-            peer = min(left, key=lambda p: p.outstanding)
+            peer = min(left, key=lambda p: (p.stalled, p.outstanding))
             tried.add(peer.key)
             try:
                 return await self._call_peer(peer, name, inputs, parameters)
@@ -338,6 +363,7 @@ class Engine:
 
     async def _call_peer(self, peer: Peer, name: str, inputs, parameters) -> tuple[dict[str, Any], Timing]:
         self._connect(peer)
+        timeout = self.timeout_for(name)
         request_id = next(self.ids)
         fut = asyncio.get_running_loop().create_future()
         peer.waiting[request_id] = fut
@@ -352,9 +378,10 @@ class Engine:
             except (asyncio.TimeoutError, zmq.ZMQError) as exc:
                 raise PeerUnavailable(f"peer {peer.key} not reachable: {exc}") from None
             try:
-                header, outputs = await asyncio.wait_for(fut, PEER_TIMEOUT)
-            except asyncio.TimeoutError:
-                raise RequestTimeout(f"peer {peer.key} did not answer within {PEER_TIMEOUT:g}s") from None
+                header, outputs = await asyncio.wait_for(fut, timeout)
+            except asyncio.TimeoutError:  # frozen, or far behind: inference is idempotent, the caller retries
+                peer.stalled = True
+                raise PeerTimeout(f"peer {peer.key} did not answer within {timeout:g}s (peer_timeout)") from None
             if not header.get("ok"):
                 code = header.get("code", 500)
                 message = header.get("error", "peer failed")
@@ -379,6 +406,7 @@ class Engine:
                 except (wire.WireError, InputError) as exc:
                     log.error("bad reply from peer %s: %s", peer.key, exc)
                     continue
+                peer.stalled = False  # it answers again
                 fut = peer.waiting.get(header.get("id"))
                 if isinstance(fut, asyncio.Queue):  # a generation: every reply is a chunk
                     fut.put_nowait(header)

@@ -66,6 +66,7 @@ worker_cpu_affinity 0001 0010 1100;
 worker_shutdown_timeout 500ms;
 worker_timeout 2m;
 worker_load_timeout 1h;
+peer_timeout 3s;
 pid run/x.pid;
 error_log logs/e.log warn;
 daemon off;
@@ -89,6 +90,8 @@ model m {
     max_queue_size 4;
     request_timeout 1d;
     workers 2 0 2;
+    peer_timeout 500ms;
+    max_image_pixels 4m;
 }
 """)
     assert cfg.worker_processes == 3
@@ -105,6 +108,7 @@ model m {
     assert m.path == tmp_path / "models" / "m" and m.device == "cpu"
     assert (m.max_batch_size, m.batch_timeout, m.max_queue_size, m.request_timeout) == (16, 0.0, 4, 86400.0)
     assert m.workers == [0, 2]
+    assert (cfg.peer_timeout, m.peer_timeout, m.max_image_pixels) == (3.0, 0.5, 4 << 20)
     assert [mc.name for mc in cfg.models_on(1)] == [] and [mc.name for mc in cfg.models_on(2)] == ["m"]
     assert listener_keys(cfg) == ["http:127.0.0.1:8081", "http:0.0.0.0:8082", "http:::1:8083", "zmq:127.0.0.1:5555"]
     assert split_listener_key("http:::1:8083") == ("http", "::1", 8083)
@@ -120,6 +124,7 @@ def test_defaults_and_the_prefix(tmp_path: Path) -> None:
     m = cfg.models["m"]
     assert m.path == Path("/abs/m") and m.workers is None and m.device == "auto"
     assert (m.max_batch_size, m.batch_timeout, m.max_queue_size, m.tensor_parallel) == (8, 0.002, 256, 1)
+    assert (cfg.peer_timeout, m.peer_timeout, m.max_image_pixels) == (10.0, None, None)
     # without -p, the prefix is the config file's parent's parent (PREFIX/conf/srv.conf)
     assert load_config(write(tmp_path, LISTEN), check_models=False).prefix == tmp_path
 
@@ -210,6 +215,10 @@ ERRORS = [
     ("worker_timeout ten;", 'invalid time "ten" in "worker_timeout" directive', 3),
     ("worker_timeout 0;", '"worker_timeout" must be greater than 0', 3),
     ("worker_load_timeout 0s;", '"worker_load_timeout" must be greater than 0', 3),
+    ("peer_timeout 0;", '"peer_timeout" must be greater than 0', 3),
+    ("model m {\n    path /m;\n    peer_timeout -1s;\n}", 'invalid time "-1s"', 5),
+    ("model m {\n    path /m;\n    max_image_pixels 0;\n}", '"max_image_pixels" must be greater than 0', 5),
+    ("model m {\n    path /m;\n    max_image_pixels lots;\n}", 'invalid size "lots"', 5),
     ("http {\n    listen 1;\n    client_body_timeout 0ms;\n}", '"client_body_timeout" must be greater than 0', 5),
     ("model m {\n    path /m;\n    request_timeout 0;\n}", '"request_timeout" must be greater than 0', 5),
     ("model m {\n    path /m;\n    max_batch_size 0;\n}", 'invalid value "0" in "max_batch_size"', 5),
@@ -269,3 +278,34 @@ def test_errors_that_concern_the_whole_file_name_the_file(tmp_path: Path) -> Non
     assert "2 masks for 3 workers" in str(e) and e.file == tmp_path / "conf" / "srv.conf"
     with pytest.raises(ConfigError, match=re.escape(f'open() "{tmp_path / "nope.conf"}" failed')):
         load_config(tmp_path / "nope.conf")
+
+
+def test_curve_directives_read_the_certificates_at_load(tmp_path: Path) -> None:
+    import zmq.auth
+
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    zmq.auth.create_certificates(keys, "server")
+    zmq.auth.create_certificates(keys, "client")
+    public = zmq.auth.load_certificate(keys / "client.key")[0]
+
+    def zmq_block(*lines: str) -> str:
+        return LISTEN + "zmq {\n    listen tcp://127.0.0.1:5555;\n" + "".join(f"    {x}\n" for x in lines) + "}\n"
+
+    cfg = load(tmp_path, zmq_block("curve_server_key_file keys/server.key_secret;", "curve_allowed_clients keys;"))
+    assert cfg.zmq_curve_server_key == keys / "server.key_secret" and cfg.zmq_curve_allowed == keys
+    from server.config import curve_allowed_keys
+
+    assert public in curve_allowed_keys(cfg.zmq_curve_allowed)
+    assert curve_allowed_keys(keys / "client.key") == {public}  # one file of allowed keys
+    for lines, fragment, line in [
+        (["curve_allowed_clients keys;"], '"curve_server_key_file" and "curve_allowed_clients" go together', 6),
+        (["curve_server_key_file keys/server.key;", "curve_allowed_clients keys;"], "holds no secret key", 7),
+        (["curve_server_key_file keys/none;", "curve_allowed_clients keys;"], '"curve_server_key_file":', 7),
+        (["curve_server_key_file keys/server.key_secret;", "curve_allowed_clients nowhere;"], '"curve_allowed_clients":', 7),
+    ]:
+        e = error(tmp_path, zmq_block(*lines))
+        assert fragment in str(e) and e.line == line, str(e)
+    (tmp_path / "empty").mkdir()
+    e = error(tmp_path, zmq_block("curve_server_key_file keys/server.key_secret;", "curve_allowed_clients empty;"))
+    assert "no public key" in str(e)

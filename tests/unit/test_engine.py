@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import zmq.asyncio
 from models.base import InputError
 from server import wire
 from server.config import ModelConf
-from server.errors import NotFound, PeerUnavailable, RemoteError, status_of
+from server.errors import NotFound, PeerUnavailable, RemoteError, RequestTimeout, status_of
 from server.serving.batcher import Batcher, Device
 from server.serving.engine import Engine
 from server.serving.loadboard import LoadBoard
@@ -37,6 +38,8 @@ class FakePeer:
         self.hold = False  # receive, never answer (a peer that is about to die)
         self.code: int | None = None  # answer with this error code
         self.board: LoadBoard | None = None
+        self.chunks: list[str] = ["a"]  # generate: accept, send these chunks ...
+        self.finish = True  # ... then a final one (False: fall silent mid-stream)
         self.task = asyncio.get_running_loop().create_task(self._serve())
 
     def entry(self) -> dict[str, Any]:
@@ -53,9 +56,12 @@ class FakePeer:
         while True:
             identity, header_frame, *frames = await self.sock.recv_multipart()
             header = wire.unpack(header_frame)
-            inputs = wire.decode_tensors(header["inputs"], frames)
+            inputs = wire.decode_tensors(header.get("inputs", []), frames)
             self.requests.append((header, inputs))
-            if self.hold:
+            if self.hold or header["op"] == "cancel":
+                continue
+            if header["op"] == "generate":
+                await self._generate(identity, header["id"])
                 continue
             if self.code is not None:
                 reply = wire.reply_error(header["id"], self.code, f"peer says {self.code}")
@@ -64,6 +70,15 @@ class FakePeer:
                 reply = wire.reply_ok(header["id"], {"y": inputs["x"] * 2},
                                       timing={"queue_ms": 0.0, "compute_ms": 0.0, "batch_size": n, "worker": self.key})
             await self.sock.send_multipart([identity, *reply])
+
+    async def _generate(self, identity: bytes, request_id: Any) -> None:
+        replies = [{"id": request_id, "ok": True, "final": False, "accepted": True, "prompt_tokens": 3},
+                   *({"id": request_id, "ok": True, "final": False, "text": c} for c in self.chunks)]
+        if self.finish:
+            replies.append({"id": request_id, "ok": True, "final": True, "text": "", "finish_reason": "stop",
+                            "worker": self.key})
+        for r in replies:
+            await self.sock.send_multipart([identity, wire.pack(r)])
 
     def close(self) -> None:
         self.task.cancel()
@@ -94,8 +109,9 @@ class Harness:
         self.peers.append(p)
         return p
 
-    def start(self) -> Engine:
-        self.engine = Engine(0, 1, dict(self.models), self.batchers, {m: {"name": m} for m in self.models}, self.ctx)
+    def start(self, **engine_kw: Any) -> Engine:
+        self.engine = Engine(0, 1, dict(self.models), self.batchers, {m: {"name": m} for m in self.models}, self.ctx,
+                             **engine_kw)
         self.announce()
         return self.engine
 
@@ -370,5 +386,95 @@ def test_a_draining_worker_hands_new_work_to_a_peer_or_runs_it_itself(short_tmp:
             # a request a peer forwarded to us runs here, draining or not
             successor.code = None
             assert (await engine.infer("m", {"x": x(1)}, {}, forwarded=True))[1].worker == "1:0"
+
+    run(main)
+
+
+# -- a frozen peer (SIGSTOP, a stuck event loop): the heartbeat would take worker_timeout ------------
+
+def test_a_frozen_peer_times_out_and_the_request_is_retried_on_another_host(short_tmp: Path) -> None:
+    async def main() -> None:
+        async with harness(short_tmp) as h:
+            frozen, live = h.peer("1:1", "m"), h.peer("1:2", "m")
+            frozen.hold = True
+            engine = h.start(peer_timeout=0.2)
+            started = time.monotonic()
+            out, timing = await engine.infer("m", {"x": x(2)}, {})  # the first (equal) host: the frozen one
+            np.testing.assert_array_equal(out["y"], 2 * x(2))
+            assert timing.worker == "1:2" and len(frozen.requests) == 1
+            assert 0.2 <= time.monotonic() - started < 1.5
+            assert engine.peers["1:1"].stalled and engine.peers["1:1"].outstanding == 0
+            started = time.monotonic()  # a stalled peer is picked last: no second wait
+            assert (await engine.infer("m", {"x": x(1)}, {}))[1].worker == "1:2"
+            assert time.monotonic() - started < 0.2 and len(frozen.requests) == 1
+            live.hold = True  # nobody answers: 503, retryable, bounded
+            with pytest.raises(PeerUnavailable, match="peer_timeout") as e:
+                await engine.infer("m", {"x": x(1)}, {})
+            assert status_of(e.value) == 503 and e.value.retryable
+
+    run(main)
+
+
+def test_a_per_model_peer_timeout_overrides_the_main_one(short_tmp: Path) -> None:
+    async def main() -> None:
+        async with harness(short_tmp) as h:
+            h.peer("1:1", "m", "slow").hold = True
+            engine = h.start(peer_timeout=30.0, peer_timeouts={"m": 0.1})
+            assert engine.timeout_for("m") == 0.1 and engine.timeout_for("slow") == 30.0
+            with pytest.raises(PeerUnavailable, match="within 0.1s"):
+                await engine.infer("m", {"x": x(1)}, {})
+
+    run(main)
+
+
+def test_a_split_chunk_on_a_frozen_peer_runs_here_after_peer_timeout(short_tmp: Path) -> None:
+    async def main() -> None:
+        async with harness(short_tmp) as h:
+            model = h.local("m", max_batch_size=1, batch_timeout=0.0)
+            frozen = h.peer("1:1", "m")
+            frozen.hold = True
+            engine = h.start(peer_timeout=0.2)
+            started = time.monotonic()
+            out, timing = await engine.infer("m", {"x": x(4)}, {})
+            np.testing.assert_array_equal(out["y"], 2 * x(4))  # in order, all computed here
+            assert timing.worker == "1:0" and len(model.forwards) == 4 and len(frozen.requests) == 2
+            assert time.monotonic() - started < 1.5
+            await engine.infer("m", {"x": x(4)}, {})  # the stalled peer gets no chunks now
+            assert len(frozen.requests) == 2
+
+    run(main)
+
+
+def test_a_generation_a_frozen_peer_never_accepted_is_retried_elsewhere(short_tmp: Path) -> None:
+    async def main() -> None:
+        async with harness(short_tmp) as h:
+            frozen, live = h.peer("1:1", "g"), h.peer("1:2", "g")
+            frozen.hold = True
+            engine = h.start(peer_timeout=0.2)
+            stream = await engine.generate("g", {"prompt": "hi"})
+            chunks = [c async for c in stream]
+            assert chunks[-1]["worker"] == "1:2"
+            assert [r["op"] for r, _ in frozen.requests] == ["generate", "cancel"]  # told to drop it if it wakes
+            live.hold = True
+            with pytest.raises(PeerUnavailable, match="did not accept"):
+                await engine.generate("g", {"prompt": "hi"})
+
+    run(main)
+
+
+def test_a_generation_that_streamed_tokens_gets_an_error_not_a_retry(short_tmp: Path) -> None:
+    async def main() -> None:
+        async with harness(short_tmp) as h:
+            stalls, other = h.peer("1:1", "g"), h.peer("1:2", "g")
+            stalls.chunks, stalls.finish = ["one ", "two"], False  # then silence
+            engine = h.start(peer_timeout=0.2)
+            stream = await engine.generate("g", {"prompt": "hi"})
+            got = [await stream.__anext__(), await stream.__anext__()]
+            assert [c["text"] for c in got] == ["one ", "two"]
+            with pytest.raises(RequestTimeout, match="peer_timeout") as e:
+                await stream.__anext__()
+            assert status_of(e.value) == 504
+            await until(lambda: stalls.requests[-1][0]["op"] == "cancel", what="the cancel at the stalled peer")
+            assert other.requests == []  # never re-run: the client has seen tokens
 
     run(main)
