@@ -37,7 +37,7 @@ test: install $(TSTAMP)
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 fuzz: install $(TSTAMP)
-	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q -ra -p no:cacheprovider tests/test_fuzz_http.py $(PYTEST_ARGS)
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q -ra -p no:cacheprovider tests/test_fuzz_http.py tests/test_hostile_zmq.py $(PYTEST_ARGS)
 
 lint: $(TSTAMP)
 	$(VENV)/bin/ruff check server models tests bench
