@@ -107,20 +107,10 @@ def test_config_checks(tmp_path, folder):
                          f"model b {{ path {folder}; tensor_parallel 2; workers 1 2; }}\n"))
 
 
-class TokenLoad:
-    """Bounded background KServe load on the TP model: ``threads`` keep-alive clients until stopped.
+class BackgroundLoad:
+    """``threads`` client threads running ``self._run`` until stopped (bounded: joined within 60 s)."""
 
-    As conftest.Load: a request that died with a reused keep-alive connection is retried once on a
-    fresh one (RFC 9112 9.3.1); every other failure is recorded, with its kind.
-    """
-
-    def __init__(self, server, threads: int = 3, ids=IDS) -> None:
-        import threading
-
-        self.server = server
-        self.body = json.dumps({"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [len(ids), len(ids[0])],
-                                            "data": sum(ids, [])}]}).encode()
-        self.ok, self.failures, self.durations = 0, [], []
+    def _threads(self, threads: int) -> None:
         self.stop_event = threading.Event()
         self.lock = threading.Lock()
         self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
@@ -137,7 +127,23 @@ class TokenLoad:
         self.stop_event.set()
         for t in self.threads:
             t.join(60)
-        assert not any(t.is_alive() for t in self.threads), "a client hung"
+        assert not any(t.is_alive() for t in self.threads), f"a {type(self).__name__} client hung"
+
+
+class TokenLoad(BackgroundLoad):
+    """Bounded background KServe load on the TP model: ``threads`` keep-alive clients until stopped.
+
+    As conftest.Load: a request that died with a reused keep-alive connection is retried once on a
+    fresh one (RFC 9112 9.3.1); every other failure is recorded, with its kind.
+    """
+
+    def __init__(self, server, threads: int = 3, ids=IDS) -> None:
+
+        self.server = server
+        self.body = json.dumps({"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [len(ids), len(ids[0])],
+                                            "data": sum(ids, [])}]}).encode()
+        self.ok, self.failures, self.durations = 0, [], []
+        self._threads(threads)
 
     def _run(self) -> None:
         import http.client
@@ -174,7 +180,7 @@ class TokenLoad:
                         break
 
 
-class GenLoad:
+class GenLoad(BackgroundLoad):
     """Bounded background streamed generation on the TP model (/v1/completions, ``stream: true``).
 
     Each request is greedy on one prompt over a fresh connection. It counts as served when its
@@ -184,29 +190,12 @@ class GenLoad:
     """
 
     def __init__(self, server, threads: int = 2, max_tokens: int = 12, prompt: str = "Once upon a time") -> None:
-        import threading
 
         self.server = server
         self.body = json.dumps({"model": "bloom", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
                                 "stream": True}).encode()
         self.ok, self.failures, self.texts, self.started = 0, [], set(), 0
-        self.stop_event = threading.Event()
-        self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        for t in self.threads:
-            t.join(60)
-        assert not any(t.is_alive() for t in self.threads), "a streaming client hung"
+        self._threads(threads)
 
     def _one(self) -> str | None:
         """None when served, else why not."""
