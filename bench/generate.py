@@ -245,6 +245,7 @@ class GenBench(Bench):
     # -- the section --------------------------------------------------------------------------------
     def bloom(self) -> dict[str, Any]:
         a = self.args
+        self.notes.append("load average at the start: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
         info = self.prepare_bloom()
         self.log(f"bloom-{a.config}: {info['arch']}, prompt {info['prompt_tokens']} tokens, {self.n} new tokens, "
                  f"{info['live_ids']} live token ids")
@@ -359,15 +360,16 @@ def markdown(doc: dict[str, Any]) -> str:
            f"BLOOM {plan['config']} {plan['arch']}, prompt {plan['prompt_tokens']} tokens, {plan['new_tokens']} new "
            f"tokens per request, modelsrv {plan['workers']} worker(s).\n",
            "| configuration | tokens/s (median) | min-max | TTFT p50 ms | TTFT p99 ms | TPOT / step ms | "
-           "decode tok/s per stream | server CPU | client CPU |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "decode tok/s per stream | requests | server CPU | client CPU |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for p in doc["points"]:
         rng = f"{fmt(p.get('ips_min'))}-{fmt(p.get('ips_max'))}" if "ips_min" in p else "-"
         step = p.get("tpot_ms", p.get("step_ms"))
         err = f" ({p['errors']:.0f} errors)" if p.get("errors") else ""
         out.append(f"| {p['name']}{err} | {fmt(p.get('ips'))} | {rng} | {fmt(p.get('p50_ms'))} | "
                    f"{fmt(p.get('p99_ms')) if p['group'] not in ('hf', 'raw') else '-'} | {fmt(step)} | "
-                   f"{fmt(p.get('decode_tps'))} | {fmt(p.get('server_cpu'), 2)} | {fmt(p.get('client_cpu'), 2)} |")
+                   f"{fmt(p.get('decode_tps'))} | {fmt(p.get('requests'), 0)} | {fmt(p.get('server_cpu'), 2)} | "
+                   f"{fmt(p.get('client_cpu'), 2)} |")
     out.append("")
     out.append("| ratio (median of per-round ratios) | value |")
     out.append("|---|---:|")
