@@ -142,6 +142,8 @@ class GenBench(Bench):
         super().__init__(args)
         self.plan = PLANS[args.config]
         self.timing = self.plan["quick" if self.quick else "timing"]
+        if args.timing:  # e.g. on a loaded machine, where steps are several times slower than planned
+            self.timing = {int(c): tuple(v) for c, v in json.loads(args.timing).items()}
         self.n = args.new_tokens or self.plan["new_tokens"]
         self.sse: JsonProc | None = None
         self.notes: list[str] = []
@@ -389,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=0, help="rounds per point (default 3, --quick 1)")
     ap.add_argument("--new-tokens", type=int, default=0, help="tokens per request (default: the config's plan)")
     ap.add_argument("--prompt-len", type=int, default=0, help="words (= tokens) of the user message")
+    ap.add_argument("--timing", default="", help='JSON: (warm-up, window, stagger) seconds per concurrency, '
+                    'e.g. \'{"1": [3, 25, 0], "8": [25, 40, 15], "32": [45, 45, 30]}\' (default: the plan\'s)')
     ap.add_argument("--workers", type=int, default=2, help="modelsrv workers (one core and one thread each)")
     ap.add_argument("--modelsrv", choices=("on", "none"), default="on")
     ap.add_argument("--modelsrv-conf", default=json.dumps(MODELSRV_CONF),
