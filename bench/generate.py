@@ -142,6 +142,8 @@ class GenBench(Bench):
         super().__init__(args)
         self.plan = PLANS[args.config]
         self.timing = self.plan["quick" if self.quick else "timing"]
+        if args.timing:  # e.g. on a loaded machine, where steps are several times slower than planned
+            self.timing = {int(c): tuple(v) for c, v in json.loads(args.timing).items()}
         self.n = args.new_tokens or self.plan["new_tokens"]
         self.sse: JsonProc | None = None
         self.notes: list[str] = []
@@ -245,6 +247,7 @@ class GenBench(Bench):
     # -- the section --------------------------------------------------------------------------------
     def bloom(self) -> dict[str, Any]:
         a = self.args
+        self.notes.append("load average at the start: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
         info = self.prepare_bloom()
         self.log(f"bloom-{a.config}: {info['arch']}, prompt {info['prompt_tokens']} tokens, {self.n} new tokens, "
                  f"{info['live_ids']} live token ids")
@@ -359,15 +362,16 @@ def markdown(doc: dict[str, Any]) -> str:
            f"BLOOM {plan['config']} {plan['arch']}, prompt {plan['prompt_tokens']} tokens, {plan['new_tokens']} new "
            f"tokens per request, modelsrv {plan['workers']} worker(s).\n",
            "| configuration | tokens/s (median) | min-max | TTFT p50 ms | TTFT p99 ms | TPOT / step ms | "
-           "decode tok/s per stream | server CPU | client CPU |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "decode tok/s per stream | requests | server CPU | client CPU |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for p in doc["points"]:
         rng = f"{fmt(p.get('ips_min'))}-{fmt(p.get('ips_max'))}" if "ips_min" in p else "-"
         step = p.get("tpot_ms", p.get("step_ms"))
         err = f" ({p['errors']:.0f} errors)" if p.get("errors") else ""
         out.append(f"| {p['name']}{err} | {fmt(p.get('ips'))} | {rng} | {fmt(p.get('p50_ms'))} | "
                    f"{fmt(p.get('p99_ms')) if p['group'] not in ('hf', 'raw') else '-'} | {fmt(step)} | "
-                   f"{fmt(p.get('decode_tps'))} | {fmt(p.get('server_cpu'), 2)} | {fmt(p.get('client_cpu'), 2)} |")
+                   f"{fmt(p.get('decode_tps'))} | {fmt(p.get('requests'), 0)} | {fmt(p.get('server_cpu'), 2)} | "
+                   f"{fmt(p.get('client_cpu'), 2)} |")
     out.append("")
     out.append("| ratio (median of per-round ratios) | value |")
     out.append("|---|---:|")
@@ -387,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=0, help="rounds per point (default 3, --quick 1)")
     ap.add_argument("--new-tokens", type=int, default=0, help="tokens per request (default: the config's plan)")
     ap.add_argument("--prompt-len", type=int, default=0, help="words (= tokens) of the user message")
+    ap.add_argument("--timing", default="", help='JSON: (warm-up, window, stagger) seconds per concurrency, '
+                    'e.g. \'{"1": [3, 25, 0], "8": [25, 40, 15], "32": [45, 45, 30]}\' (default: the plan\'s)')
     ap.add_argument("--workers", type=int, default=2, help="modelsrv workers (one core and one thread each)")
     ap.add_argument("--modelsrv", choices=("on", "none"), default="on")
     ap.add_argument("--modelsrv-conf", default=json.dumps(MODELSRV_CONF),
