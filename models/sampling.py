@@ -6,7 +6,9 @@ ids, ``RepetitionPenaltyLogitsProcessor``), then temperature, top-k, top-p; then
 
 Reproducibility: a request with a ``seed`` draws from its own ``torch.Generator`` (``generator_for``),
 so the same seed gives the same tokens whatever else shares the batch; the rows of a batch are
-processed independently (row-wise kernels, per-row draws).
+processed independently (row-wise kernels, per-row draws). For one sequence, ``seed=s`` draws
+exactly what transformers' ``generate(do_sample=True)`` draws after ``torch.manual_seed(s)``
+(tested token for token with penalty, temperature, top-k and top-p).
 
 Log-probabilities: the reported value is ``log_softmax`` of the model's RAW logits at the chosen
 token (before penalty, temperature, top-k/p), as vLLM reports by default: it measures how likely

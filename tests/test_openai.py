@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import shutil
 import signal
 import socket
 import threading
@@ -37,7 +38,7 @@ NEW = 20
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("openai")
     chat = random_bloom_folder(root / "chat", config={"tie_word_embeddings": False}, seed=0)
-    nochat = random_bloom_folder(root / "nochat", config={"tie_word_embeddings": False}, seed=0)
+    nochat = Path(shutil.copytree(chat, root / "nochat"))
     cfg = json.loads((nochat / "tokenizer_config.json").read_text())
     del cfg["chat_template"]
     (nochat / "tokenizer_config.json").write_text(json.dumps(cfg))
@@ -107,6 +108,12 @@ def test_streamed_sync_and_async_equal_the_whole_text(server, reference):
     assert "".join(e.choices[0].text for e in events if e.choices) == reference[p][1]
     assert events[-1].usage.completion_tokens == len(reference[p][0]) and not events[-1].choices
     assert sum(1 for e in events if e.choices) > 3, "not streamed"
+    # several prompts in one streamed request: chunks interleave, each tagged with its choice index
+    texts = ["", "", "", ""]
+    for e in c.completions.create(model="gen", prompt=PROMPTS, max_tokens=NEW, temperature=0, stream=True):
+        for ch in e.choices:
+            texts[ch.index] += ch.text
+    assert texts == [reference[q][1] for q in PROMPTS]
 
     async def many():
         a = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none")
@@ -200,11 +207,12 @@ def test_queue_full_is_503(server):
 
 def test_zmq_generate_equals_transformers_and_cancel_frees_the_slot(server, reference):
     ids_want, text_want = reference[PROMPTS[2]]
-    with Client(server.zmq_address, connections=2) as z:
-        for _ in range(2):  # both connections: one lands on worker 0, which forwards to worker 1
-            chunks = list(z.generate("gen", PROMPTS[2], max_tokens=NEW, temperature=0))
+    with Client(server.zmq_address) as z:
+        for model in ("gen", "tinypool"):  # on workers 1 and 0: whichever took the connection forwards one
+            chunks = list(z.generate(model, PROMPTS[2], max_tokens=NEW, temperature=0))
             assert [t for c in chunks for t in c["token_ids"]] == ids_want
             assert "".join(c["text"] for c in chunks) == text_want
+    assert ' peer "generate ' in server.access_log.read_text()
 
     async def run_async():
         async with AsyncClient(server.zmq_address) as az:
@@ -240,58 +248,6 @@ def test_http_disconnect_cancels_the_generation(server):
         assert metric(server, name, "gen") > 0, name
 
 
-def test_quit_lets_running_generations_finish(tmp_path, folders):
-    s = Server(tmp_path, workers=1, models={"gen": {"path": str(folders[0])}})
-    try:
-        s.start()
-        c = client(s, max_retries=0)
-        results: dict[str, object] = {}
-        started = [threading.Event(), threading.Event()]
-
-        def stream():
-            try:
-                n, last = 0, None
-                for e in c.completions.create(model="gen", prompt="Once", max_tokens=200, temperature=0, stream=True,
-                                              stream_options={"include_usage": True}, extra_body={"ignore_eos": True}):
-                    started[0].set()
-                    if e.choices:
-                        last = e.choices[0].finish_reason
-                    else:
-                        n = e.usage.completion_tokens
-                results["stream"] = (n, last)
-            except Exception as exc:  # recorded, asserted below
-                results["stream"] = exc
-            finally:
-                started[0].set()
-
-        def zmq_stream():
-            try:
-                with Client(s.zmq_address) as z:
-                    chunks = []
-                    for chunk in z.generate("gen", "Once", max_tokens=200, ignore_eos=True):
-                        started[1].set()
-                        chunks.append(chunk)
-                results["zmq"] = (len(chunks), chunks[-1]["finish_reason"])
-            except Exception as exc:
-                results["zmq"] = exc
-            finally:
-                started[1].set()
-
-        threads = [threading.Thread(target=stream), threading.Thread(target=zmq_stream)]
-        for t in threads:
-            t.start()
-        assert all(e.wait(20) for e in started)
-        assert metric(s, "modelsrv_generation_running", "gen") >= 1  # still running when QUIT arrives
-        s.signal(signal.SIGQUIT)
-        for t in threads:
-            t.join(60)
-        assert results["stream"] == (200, "length")
-        assert results["zmq"] == (200, "length")
-        assert s.wait_exit(30) == 0
-    finally:
-        s.stop()
-
-
 def test_config_directives_and_errors(tmp_path, folders):
     from server.config import ConfigError, load_config
 
@@ -309,4 +265,58 @@ def test_config_directives_and_errors(tmp_path, folders):
         s.write_conf(models={"d": {"path": str(dense), "kv_cache_tokens": 64}})
         with pytest.raises(ConfigError, match="applies to text generation models"):
             load_config(s.conf)
-    assert time is not None
+
+
+def test_quit_lets_running_generations_finish(server):
+    """Last: it stops the module's server. Generations over HTTP and ZeroMQ are in flight when QUIT
+    arrives; all finish. The ZeroMQ pair shares one connection and asks for "gen" (worker 1) and
+    "tinypool" (worker 0), so one of them is relayed by a draining worker from a draining peer."""
+    s = server
+    results: dict[str, object] = {}
+    started = threading.Event()
+    last_chunk: list[float] = []
+
+    def http_stream():
+        try:
+            n, reason = 0, None
+            c = client(s, max_retries=0)
+            for e in c.completions.create(model="gen", prompt="Once", max_tokens=250, temperature=0, stream=True,
+                                          stream_options={"include_usage": True}, extra_body={"ignore_eos": True}):
+                started.set()
+                if e.choices:
+                    reason = e.choices[0].finish_reason
+                else:
+                    n = e.usage.completion_tokens
+            last_chunk.append(time.monotonic())
+            results["http"] = (n, reason)
+        except Exception as exc:  # recorded, asserted below
+            results["http"] = exc
+
+    def zmq_streams():
+        async def one(az, model, n):
+            chunks = [c async for c in az.generate(model, "Once", max_tokens=n, ignore_eos=True, temperature=0)]
+            last_chunk.append(time.monotonic())
+            return chunks[-1]["completion_tokens"], chunks[-1]["finish_reason"]
+
+        async def both():
+            async with AsyncClient(s.zmq_address, connections=1) as az:
+                return await asyncio.gather(one(az, "gen", 250), one(az, "tinypool", 90))
+
+        try:
+            results["zmq"] = asyncio.run(both())
+        except Exception as exc:
+            results["zmq"] = exc
+
+    threads = [threading.Thread(target=http_stream), threading.Thread(target=zmq_streams)]
+    for t in threads:
+        t.start()
+    assert started.wait(20)
+    wait_for(lambda: metric(s, "modelsrv_generation_running", "tinypool") >= 1, 10, 0.01, "the ZeroMQ generations")
+    quit_at = time.monotonic()
+    s.signal(signal.SIGQUIT)
+    for t in threads:
+        t.join(60)
+    assert results["http"] == (250, "length")
+    assert results["zmq"] == [(250, "length"), (90, "length")]
+    assert max(last_chunk) > quit_at, "everything had finished before the QUIT: nothing was tested"
+    assert s.wait_exit(30) == 0

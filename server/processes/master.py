@@ -290,11 +290,11 @@ class Master:
 
     def _broadcast_peers(self) -> None:
         """Tell every worker which ready workers host which models, for forwarding (nginx passes channels)."""
-        peers = [
+        peers = [  # draining ones too, flagged: they take no new work but finish what they hold (generations)
             {"slot": w.slot, "generation": w.generation, "pid": w.pid, "ipc": w.ipc, "load": w.load, "models": w.models,
-             "meta": w.meta}
+             "meta": w.meta, "exiting": w.state == "exiting"}
             for w in self.workers.values()
-            if w.state == "ready" and w.ipc
+            if w.state in ("ready", "exiting") and w.ipc
         ]
         for w in self.workers.values():  # exiting ones too: they may still wait on a peer
             w.channel.send({"cmd": "peers", "peers": peers})

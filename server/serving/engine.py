@@ -119,9 +119,12 @@ class Engine:
             if key not in wanted:
                 self._drop_peer(self.peers.pop(key), PeerUnavailable("peer left"))
         for key, p in wanted.items():
+            # a draining peer takes no new work, but what it holds (a relayed generation) still streams back;
+            # it is dropped (its pending requests failed) when it leaves the table: exit or death
+            models = set() if p.get("exiting") else set(p["models"])
             if key in self.peers:
-                self.peers[key].models = set(p["models"])
-            else:
+                self.peers[key].models = models
+            elif not p.get("exiting"):
                 self.peers[key] = Peer(key, p["ipc"], set(p["models"]), p.get("meta", {}),
                                        PeerLoad(p["load"], p["models"]) if p.get("load") else None)
 
@@ -160,7 +163,7 @@ class Engine:
         if name in self.meta:
             return self.meta[name]
         for peer in self.peers.values():
-            if name in peer.meta:
+            if name in peer.meta and name in peer.models:  # not a draining peer's
                 return peer.meta[name]
         return None
 
