@@ -147,6 +147,32 @@ class GenBench(Bench):
         self.n = args.new_tokens or self.plan["new_tokens"]
         self.sse: JsonProc | None = None
         self.notes: list[str] = []
+        self.deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else math.inf
+
+    def run_rounds(self, points: list[Point]) -> None:
+        """As bench/run.py's (order rotated each round), but no round starts that would end past --max-minutes."""
+        planned, last = self.rounds, 0.0
+        self.rounds = 0
+        for r in range(planned):
+            if r and self.deadline - time.monotonic() < last * 1.1:
+                self.log(f"stopping after {r} round(s): the next would end past --max-minutes")
+                self.notes.append(f"{r} of {planned} rounds: the time budget (--max-minutes) allowed no more")
+                break
+            t = time.monotonic()
+            for p in points[r % len(points):] + points[: r % len(points)]:
+                try:
+                    res = p.measure()
+                except Exception as exc:  # one failed point must not lose the others
+                    res = {"error": str(exc)[-2000:]}
+                    self.log(f"  {p.name}: FAILED {str(exc)[:300]}")
+                res["round"] = r
+                p.rounds.append(res)
+                if "error" not in res:
+                    self.log(f"  round {r + 1}/{planned} {p.name}: {res['ips']:.1f} tokens/s, TTFT p50 "
+                             f"{res['p50_ms']:.0f} ms p99 {res['p99_ms']:.0f} ms, decode {res['decode_tps']:.1f} tok/s")
+            last = time.monotonic() - t
+            self.rounds = r + 1
+            self.log(f"round {r + 1}/{planned} took {last:.0f} s")
 
     def meta(self) -> dict[str, Any]:
         m = super().meta()
@@ -389,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", choices=sorted(PLANS), default="560m")
     ap.add_argument("--quick", action="store_true", help="one round, shorter windows")
     ap.add_argument("--rounds", type=int, default=0, help="rounds per point (default 3, --quick 1)")
+    ap.add_argument("--max-minutes", type=float, default=0,
+                    help="start no round that would end later than this many minutes after the start")
     ap.add_argument("--new-tokens", type=int, default=0, help="tokens per request (default: the config's plan)")
     ap.add_argument("--prompt-len", type=int, default=0, help="words (= tokens) of the user message")
     ap.add_argument("--timing", default="", help='JSON: (warm-up, window, stagger) seconds per concurrency, '
