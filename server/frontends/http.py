@@ -23,6 +23,7 @@ import hmac
 import json
 import os
 import re
+import signal
 import time
 import zlib
 from collections import deque
@@ -125,6 +126,16 @@ class JsonParser:
         if cls.pool is not None:
             cls.pool.shutdown(wait=False, cancel_futures=True)
             cls.pool = None
+            # multiprocessing's forkserver outlives the worker otherwise (found orphaned after test
+            # runs): stop it too. Private attribute, so look it up defensively.
+            from multiprocessing import forkserver
+
+            pid = getattr(getattr(forkserver, "_forkserver", None), "_forkserver_pid", None)
+            if pid:
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
 
     @classmethod
     async def parse(cls, body: bytes, length: int | None) -> kserve.InferRequest:
