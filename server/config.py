@@ -227,6 +227,12 @@ class _Directive:
             raise self.error(f'"{self.name}" must be greater than 0')
         return value
 
+    def positive_size(self) -> int:
+        value = self.convert(parse_size)
+        if value < 1:
+            raise self.error(f'"{self.name}" must be greater than 0')
+        return value
+
     def positive_int(self) -> int:
         value = self.one()
         if not value.isdigit() or int(value) < 1:
@@ -448,15 +454,11 @@ def _apply_model(cfg: Config, d: _Directive) -> None:
         elif inner.name == "kv_cache_tokens":
             model.kv_cache_tokens = inner.positive_int()
         elif inner.name == "kv_cache_size":
-            model.kv_cache_size = inner.convert(parse_size)
-            if model.kv_cache_size < 1:
-                raise inner.error('"kv_cache_size" must be greater than 0')
+            model.kv_cache_size = inner.positive_size()
         elif inner.name == "max_num_seqs":
             model.max_num_seqs = inner.positive_int()
         elif inner.name == "max_image_pixels":
-            model.max_image_pixels = inner.convert(parse_size)
-            if model.max_image_pixels < 1:
-                raise inner.error('"max_image_pixels" must be greater than 0')
+            model.max_image_pixels = inner.positive_size()
         elif inner.name == "peer_timeout":
             model.peer_timeout = inner.positive_time()
         elif inner.name == "workers":
