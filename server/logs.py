@@ -6,6 +6,7 @@ worker number (``#-`` for the master). One module for both processes; no rotatio
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -58,10 +59,11 @@ def access_stamp() -> str:
 class ReopenableFileHandler(logging.StreamHandler):
     """A file handler whose file is reopened on demand (USR1), never on its own."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, buffering: int = 1) -> None:
         self.path = Path(path)
+        self.buffering = buffering  # 1: line by line (the error log); larger: flushed by the owner
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        super().__init__(open(self.path, "a", buffering=1, encoding="utf-8"))
+        super().__init__(open(self.path, "a", buffering=buffering, encoding="utf-8"))
 
     def reopen(self) -> bool:
         """Open the path anew; if that fails (a directory there, no permission), keep the old file (False)."""
@@ -69,7 +71,7 @@ class ReopenableFileHandler(logging.StreamHandler):
         try:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                stream = open(self.path, "a", buffering=1, encoding="utf-8")
+                stream = open(self.path, "a", buffering=self.buffering, encoding="utf-8")
             except OSError as exc:
                 failed = exc
             else:
@@ -99,7 +101,10 @@ class Logs:
             log.addHandler(console)
         log.setLevel(LEVELS[level])
         log.propagate = False
-        self.access = ReopenableFileHandler(access_log) if access_log else None
+        # the access log is written in blocks, flushed once per turn of the event loop (one write for
+        # all the lines of a batch's replies, not one per line) and when no loop runs
+        self.access = ReopenableFileHandler(access_log, buffering=1 << 16) if access_log else None
+        self.flush_scheduled = False
 
     def reopen(self) -> None:
         """Reopen every log file; "reopened logs" is logged only when all of them were."""
@@ -112,6 +117,21 @@ class Logs:
     def access_line(self, line: str) -> None:
         if self.access:
             self.access.stream.write(line + "\n")
+            if not self.flush_scheduled:
+                try:
+                    asyncio.get_running_loop().call_soon(self.flush_access)
+                except RuntimeError:  # no event loop: write it now
+                    self.access.stream.flush()
+                    return
+                self.flush_scheduled = True
+
+    def flush_access(self) -> None:
+        self.flush_scheduled = False
+        if self.access:
+            try:
+                self.access.stream.flush()
+            except (OSError, ValueError) as exc:  # a full disk, a closed file: the lines are lost, the worker is not
+                log.error("writing the access log failed: %s", exc)
 
     def close(self) -> None:
         log.removeHandler(self.error)

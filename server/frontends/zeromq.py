@@ -26,6 +26,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import zmq
@@ -34,6 +35,7 @@ import zmq.asyncio
 from server import metrics, wire
 from server.errors import BadRequest, NotFound, status_of
 from server.logs import access_stamp, log
+from server.serving.batcher import Timing, request_size
 from server.serving.engine import Engine
 
 ZAP_DOMAIN = "modelsrv"
@@ -60,6 +62,7 @@ class ZmqServer:
         self.drops, self.drop_logged = 0, 0.0
         self.streams: dict[tuple[str, bytes, bytes], asyncio.Task] = {}  # (protocol, identity, packed id) -> generation
         self.auth: Any = None  # the ZAP handler (CURVE only)
+        self.recheck: set[zmq.Socket] = set()  # routers to look at again after this turn's sends
 
     def bind_inherited(self, sock: socket.socket, host: str, port: int) -> None:
         router = self._router()
@@ -125,7 +128,51 @@ class ZmqServer:
             if len(frames) < 2:
                 continue  # not even an identity and a header: nothing to answer to
             self.inflight += 1
-            loop.create_task(self._handle(router, protocol, frames))
+            if not self._infer_here(router, protocol, frames):
+                loop.create_task(self._handle(router, protocol, frames))
+
+    def _infer_here(self, router: zmq.Socket, protocol: str, frames: list[Any]) -> bool:
+        """The fast path: an inference this worker runs itself, queued with a reply callback.
+
+        No task, no future, no timer per request: the batcher calls ``_answer`` when the batch is
+        done. Anything else (another op, a peer, a split, any error) returns False and goes the
+        general way (``_handle``), which also writes the error replies.
+        """
+        started = time.perf_counter()
+        try:
+            header = wire.unpack(frames[1].buffer)
+            model = header.get("model")
+            if header.get("op") != "infer" or not isinstance(model, str) or header.get("v", 1) != wire.VERSION:
+                return False
+            if sum(len(f.buffer) for f in frames[1:]) > self.max_message:
+                return False
+            params = header.get("parameters") or {}
+            if not isinstance(params, dict):
+                return False
+            inputs = wire.decode_tensors(header.get("inputs"), frames[2:])
+            batcher = self.engine.local_batcher(model, request_size(inputs), protocol == "peer" and bool(header.get("fwd")))
+            if batcher is None:
+                return False
+            closing = self.draining and protocol == "zmq"
+            batcher.enqueue(inputs, params, partial(self._answer, router, protocol, frames, header.get("id"), model,
+                                                    started, closing))
+        except Exception:
+            return False
+        return True
+
+    def _answer(self, router: zmq.Socket, protocol: str, frames: list[Any], request_id: Any, model: str, started: float,
+                closing: bool, result: Any, timing: Timing | None) -> None:
+        """The batcher's callback for a request queued by ``_infer_here``."""
+        self.inflight -= 1
+        extra = {"closing": True} if closing else {}
+        if timing is None:
+            code, reply = self._error_reply(result, request_id, extra)
+        else:
+            t = {"queue_ms": timing.queue_ms, "compute_ms": timing.compute_ms, "batch_size": timing.batch_size,
+                 "worker": timing.worker}
+            code, reply = 200, wire.reply_ok(request_id, result, timing=t, **extra)
+        self._log(protocol, model, code, frames, reply, started, timing)
+        self._send(router, [frames[0], *reply], protocol)
 
     def _send(self, router: zmq.Socket, frames: list[Any], protocol: str) -> bool:
         """Send one reply; False if it was dropped (the client is gone or not reading)."""
@@ -134,10 +181,27 @@ class ZmqServer:
         except zmq.ZMQError as exc:  # the client is gone, or its pipe is full (send high-water mark)
             self._dropped(exc)
             return False
-        # a send can consume the FD's edge for messages that arrived meanwhile: look again
-        if router.getsockopt(zmq.EVENTS) & POLLIN:
-            asyncio.get_running_loop().call_soon(self._drain, router, protocol)
+        # a send can consume the FD's edge for messages that arrived meanwhile: look again, once
+        # for all the replies sent in this turn of the loop
+        if router not in self.recheck:
+            self.recheck.add(router)
+            asyncio.get_running_loop().call_soon(self._recheck, router, protocol)
         return True
+
+    def _recheck(self, router: zmq.Socket, protocol: str) -> None:
+        self.recheck.discard(router)
+        try:
+            if router.getsockopt(zmq.EVENTS) & POLLIN:
+                self._drain(router, protocol)
+        except zmq.ZMQError:  # closed meanwhile
+            pass
+
+    def _error_reply(self, exc: BaseException, request_id: Any, extra: dict[str, Any]) -> tuple[int, list[Any]]:
+        code = status_of(exc)
+        if code == 500:  # a bug: logged with its traceback, never shown to the client
+            log.error("zmq request failed", exc_info=exc)
+        message = "internal server error (logged by the server)" if code == 500 else str(exc) or type(exc).__name__
+        return code, wire.reply_error(request_id, code, message, **extra)
 
     async def _handle(self, router: zmq.Socket, protocol: str, frames: list[Any]) -> None:
         started = time.perf_counter()
@@ -184,11 +248,7 @@ class ZmqServer:
             else:
                 reply = wire.reply_ok(request_id, **self._control(op, header), **extra)
         except Exception as exc:
-            code = status_of(exc)
-            if code == 500:  # a bug: logged with its traceback, never shown to the client
-                log.error("zmq request failed", exc_info=exc)
-            message = "internal server error (logged by the server)" if code == 500 else str(exc) or type(exc).__name__
-            reply = wire.reply_error(request_id, code, message, **extra)
+            code, reply = self._error_reply(exc, request_id, extra)
             if model != "-":
                 self._log(protocol, model, code, frames, reply, started, None,
                           op="generate" if header_op(frames) == "generate" else "infer")

@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ from models.base import InputError, Model, RequestTensor
 from server import metrics
 from server.config import ModelConf
 from server.errors import Overloaded, RequestTimeout
+from server.logs import log
 from server.serving.loadboard import LoadBoard
 
 
@@ -35,13 +37,27 @@ class Timing:
     worker: str = ""  # "generation:slot" of the worker that ran it (ZMQ replies carry it, for operators)
 
 
-@dataclass
+Done = Callable[[Any, "Timing | None"], None]
+
+
+@dataclass(slots=True)
 class _Pending:
     inputs: Mapping[str, RequestTensor]
     parameters: Mapping[str, Any]
-    future: asyncio.Future
+    done: Done  # called once with (outputs, Timing) or (exception, None)
     size: int
-    enqueued: float = field(default_factory=time.perf_counter)
+    enqueued: float
+    deadline: float
+    finished: bool = False  # answered, expired or withdrawn
+
+
+def _settle(future: asyncio.Future, result: Any, timing: Timing | None) -> None:
+    if future.done():
+        return
+    if timing is None:
+        future.set_exception(result)
+    else:
+        future.set_result((result, timing))
 
 
 def request_size(inputs: Mapping[str, RequestTensor]) -> int:
@@ -75,14 +91,25 @@ class Device:
 
 
 class Batcher:
+    """One model's queue and its dispatch loop.
+
+    Requests come in two ways: ``enqueue`` with a callback (the ZeroMQ door's fast path: no task,
+    no future, no timer per request) and ``submit``, an awaitable on top of it (HTTP, forwarding,
+    scatter). Expiry (``request_timeout``) is one timer per batcher, armed for the oldest
+    deadline: the queue is FIFO and every request of a model has the same timeout, so the
+    running batch and the head of the queue are the first to expire.
+    """
+
     def __init__(self, name: str, model: Model, conf: ModelConf, device: Device, board: LoadBoard | None = None,
                  worker: str = "") -> None:
         self.name, self.model, self.conf, self.device, self.board = name, model, conf, device, board
         self.worker = worker
         self.queue: deque[_Pending] = deque()
+        self.running: list[_Pending] = []
         self.wakeup = asyncio.Event()
         self.inflight = 0
         self.task: asyncio.Task | None = None
+        self.timer: asyncio.TimerHandle | None = None
         # metric children looked up once: labels() costs a dict lookup and a lock per call
         self.m_inflight = metrics.INFLIGHT.labels(name)
         self.m_queued = metrics.QUEUED.labels(name)
@@ -101,30 +128,52 @@ class Batcher:
         if len(self.queue) >= self.conf.max_queue_size:
             raise Overloaded(f"model {self.name!r}: queue full ({self.conf.max_queue_size} requests)")
 
-    async def submit(self, inputs: Mapping[str, RequestTensor], parameters: Mapping[str, Any],
-                     admitted: bool = False) -> tuple[dict[str, np.ndarray], Timing]:
-        """Queue one request and wait for its outputs; ``admitted``: a chunk of a request already let in."""
+    def enqueue(self, inputs: Mapping[str, RequestTensor], parameters: Mapping[str, Any], done: Done,
+                admitted: bool = False) -> _Pending:
+        """Queue one request; ``done(outputs, timing)`` or ``done(exception, None)`` is called once, on the loop.
+
+        Raises (without calling ``done``) when the request is refused at once: a full queue
+        (Overloaded), inputs that disagree on their batch size (InputError). ``admitted``: a chunk
+        of a request already let in (scatter), not checked against the queue limit again.
+        """
         if not admitted:
             self.check_room()
-        size = request_size(inputs)
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self.queue.append(_Pending(inputs, parameters, future, size))
+        now = time.perf_counter()
+        pending = _Pending(inputs, parameters, done, request_size(inputs), now, now + self.conf.request_timeout)
+        self.queue.append(pending)
         self._count(+1)
         self.m_queued.set(len(self.queue))
         self.wakeup.set()
-        # a timer, not wait_for(): this is the per-request hot path. A request that expires (or
-        # whose client went away) is skipped by a batch that has not started yet.
-        timer = loop.call_later(self.conf.request_timeout, self._expire, future)
+        if self.timer is None:
+            self._arm(pending.deadline)
+        return pending
+
+    async def submit(self, inputs: Mapping[str, RequestTensor], parameters: Mapping[str, Any],
+                     admitted: bool = False) -> tuple[dict[str, np.ndarray], Timing]:
+        """Queue one request and wait for its outputs (cancelling the wait withdraws the request)."""
+        future = asyncio.get_running_loop().create_future()
+        pending = self.enqueue(inputs, parameters, partial(_settle, future), admitted)
         try:
             return await future
-        finally:
-            timer.cancel()
+        except asyncio.CancelledError:
+            self.withdraw(pending)
+            raise
+
+    def withdraw(self, pending: _Pending) -> None:
+        """The client went away: a batch that has not started yet skips the request."""
+        if not pending.finished:
+            pending.finished = True
             self._count(-1)
 
-    def _expire(self, future: asyncio.Future) -> None:
-        if not future.done():
-            future.set_exception(RequestTimeout(f"model {self.name!r}: no result within {self.conf.request_timeout:g}s"))
+    def _finish(self, pending: _Pending, result: Any, timing: Timing | None) -> None:
+        if pending.finished:
+            return
+        pending.finished = True
+        self._count(-1)
+        try:
+            pending.done(result, timing)
+        except Exception:  # a front door's bug must not stop the batch's other replies
+            log.exception("model %r: a reply callback failed", self.name)
 
     def _count(self, delta: int) -> None:
         self.inflight += delta
@@ -132,6 +181,29 @@ class Batcher:
         if self.board is not None:
             self.board.set(self.name, self.inflight)
 
+    # -- request_timeout ---------------------------------------------------------------------------
+    def _arm(self, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        self.timer = loop.call_at(loop.time() + max(0.0, deadline - time.perf_counter()), self._expire)
+
+    def _expire(self) -> None:
+        """Answer every request past its deadline with a 504, then arm the timer for the next one."""
+        self.timer = None
+        now = time.perf_counter()
+        error = f"model {self.name!r}: no result within {self.conf.request_timeout:g}s"
+        for p in self.running:
+            if not p.finished and p.deadline <= now:
+                self._finish(p, RequestTimeout(error), None)  # it runs on; its result will be dropped
+        while self.queue and (self.queue[0].finished or self.queue[0].deadline <= now):
+            self._finish(self.queue.popleft(), RequestTimeout(error), None)
+        self.m_queued.set(len(self.queue))
+        waiting = [p.deadline for p in self.running if not p.finished]
+        if self.queue:
+            waiting.append(self.queue[0].deadline)
+        if waiting:
+            self._arm(min(waiting))
+
+    # -- dispatch ----------------------------------------------------------------------------------
     async def _loop(self) -> None:
         while True:
             await self.wakeup.wait()
@@ -146,27 +218,30 @@ class Batcher:
                         pass
                     batch += self._take(self.conf.max_batch_size - self._items(batch))
                 self.m_queued.set(len(self.queue))
-                batch = [p for p in batch if not p.future.done()]
+                batch = [p for p in batch if not p.finished]
                 if not batch:
                     continue
+                self.running = batch
                 started = time.perf_counter()
                 try:
                     results = await self.device.run(self._run_batch, batch)
                 except Exception as exc:  # the model itself failed: every request of the batch learns why
                     results = [exc] * len(batch)
+                finally:
+                    self.running = []
                 compute = time.perf_counter() - started
                 items = self._items(batch)
                 self.m_batch.observe(items)
                 for pending, result in zip(batch, results):
-                    if pending.future.done():
+                    if pending.finished:
                         continue
                     if isinstance(result, BaseException):
-                        pending.future.set_exception(result)
+                        self._finish(pending, result, None)
                     else:
-                        timing = Timing((started - pending.enqueued) * 1000, compute * 1000, items, self.worker)
                         self.m_queue_s.observe(started - pending.enqueued)
                         self.m_compute_s.observe(compute)
-                        pending.future.set_result((result, timing))
+                        timing = Timing((started - pending.enqueued) * 1000, compute * 1000, items, self.worker)
+                        self._finish(pending, result, timing)
 
     @staticmethod
     def _items(batch: list[_Pending]) -> int:
@@ -180,6 +255,8 @@ class Batcher:
             if taken and room <= 0:
                 break
             p = self.queue.popleft()
+            if p.finished:  # withdrawn or expired
+                continue
             taken.append(p)
             room -= p.size
         return taken

@@ -270,16 +270,16 @@ class Engine:
         if batcher is None and (forwarded or not hosts):
             raise NotFound(f"unknown model {name!r}" + ("" if forwarded else f"; known: {', '.join(self.known_models())}"))
         size = request_size(inputs)
+        if self.local_batcher(name, size, forwarded) is not None:
+            return await batcher.submit(inputs, parameters)
         if batcher is None:
             return await self._on_peers(hosts, name, inputs, parameters)
-        if self.draining and hosts and not forwarded:  # a retiring worker takes no new work it can hand on
+        if self.draining and hosts:  # a retiring worker takes no new work it can hand on
             try:
                 return await self._on_peers(hosts, name, inputs, parameters)
             except PeerUnavailable:
                 pass
         limit = batcher.conf.max_batch_size
-        if forwarded:
-            return await batcher.submit(inputs, parameters)
         if size <= limit:
             peer = self._less_loaded_peer(batcher, hosts)
             if peer is not None:
@@ -289,6 +289,24 @@ class Engine:
                     pass
             return await batcher.submit(inputs, parameters)
         return await self._scatter_gather(batcher, hosts, name, inputs, parameters, size, limit)
+
+    def local_batcher(self, name: str, size: int, forwarded: bool = False) -> Batcher | None:
+        """The batcher that runs this request here, decided without waiting; None when ``infer`` must
+        route it (no local model, a draining worker with peers, a split, a less loaded peer).
+
+        The ZeroMQ door calls this to serve the common case without a task per request.
+        """
+        batcher = self.batchers.get(name)
+        if batcher is None or forwarded:
+            return batcher
+        if size > batcher.conf.max_batch_size:
+            return None
+        hosts = self.hosts(name)
+        if not hosts:
+            return batcher
+        if self.draining or self._less_loaded_peer(batcher, hosts) is not None:
+            return None
+        return batcher
 
     def _less_loaded_peer(self, batcher: Batcher, hosts: list[Peer]) -> Peer | None:
         """A peer to hand this request to because our queue is much deeper than its, or None.
