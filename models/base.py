@@ -75,7 +75,10 @@ class Model(abc.ABC):
     def prepare(self, inputs: Mapping[str, RequestTensor], parameters: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Validate one request and return CPU tensors whose dim 0 is the request's batch size.
 
-        Raises ``InputError`` for anything the client got wrong. Runs off the event loop.
+        Raises ``InputError`` for anything the client got wrong. Runs off the event loop. Items
+        (rows of dim 0) must be prepared independently of each other: the server may call this
+        once for several requests whose inputs agree but for dim 0, concatenated, and split the
+        results by row (it falls back to one call per request when such a call fails).
         """
 
     def batch_key(self, prepared: Mapping[str, torch.Tensor], parameters: Mapping[str, Any]) -> Any:

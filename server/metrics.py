@@ -9,7 +9,11 @@ Names and labels: docs/METRICS.md.
 
 from __future__ import annotations
 
+import asyncio
+import bisect
+import collections
 import glob
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -44,7 +48,16 @@ KV_USAGE = Gauge("modelsrv_kv_cache_usage_ratio", "Share of the KV-cache blocks 
 WORKER_STARTS = Counter("modelsrv_worker_starts", "Worker processes started, by slot (restarts included)", ["slot"])
 
 
+# -- written once per turn of the event loop -------------------------------------------------------
+# In multiprocess mode every inc() or observe() takes a lock, checks the pid and writes the mmap
+# file: a few microseconds, several times per request. The hot path records here instead, and one
+# flush at the end of the loop's turn writes each series once (a histogram: each bucket once).
+
 _children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+_counts: dict[Any, float] = {}  # counter or gauge child -> amount to add
+_gauges: dict[Any, float] = {}  # gauge child -> value to set
+_observed: dict[Any, list[float]] = {}  # histogram child -> observations
+_flush_scheduled = False
 
 
 def observe_request(model: str, protocol: str, outcome: str, seconds: float) -> None:
@@ -53,8 +66,77 @@ def observe_request(model: str, protocol: str, outcome: str, seconds: float) -> 
     pair = _children.get(key)
     if pair is None:  # labels() takes a lock and builds a key: once per label set, not per request
         pair = _children[key] = (REQUESTS.labels(model, protocol, outcome), REQUEST_SECONDS.labels(model))
-    pair[0].inc()
-    pair[1].observe(seconds)
+    inc(pair[0])
+    observe(pair[1], seconds)
+
+
+def inc(child: Any, amount: float = 1.0) -> None:
+    """``child.inc(amount)`` at the end of this turn of the loop."""
+    _counts[child] = _counts.get(child, 0.0) + amount
+    _schedule()
+
+
+def set_gauge(child: Any, value: float) -> None:
+    """``child.set(value)`` at the end of this turn of the loop (the last value wins)."""
+    _gauges[child] = value
+    _schedule()
+
+
+def observe(child: Any, value: float, times: int = 1) -> None:
+    """``child.observe(value)``, ``times`` times, at the end of this turn of the loop."""
+    values = _observed.get(child)
+    if values is None:
+        values = _observed[child] = []
+    if times == 1:
+        values.append(value)
+    else:
+        values.extend([value] * times)
+    _schedule()
+
+
+def _schedule() -> None:
+    global _flush_scheduled
+    if _flush_scheduled:
+        return
+    try:
+        asyncio.get_running_loop().call_soon(flush)
+    except RuntimeError:  # no event loop in this thread: write now
+        flush()
+        return
+    _flush_scheduled = True
+
+
+def flush() -> None:
+    """Write what this turn recorded."""
+    global _flush_scheduled
+    _flush_scheduled = False
+    while _counts:
+        child, amount = _counts.popitem()
+        child.inc(amount)
+    while _gauges:
+        child, value = _gauges.popitem()
+        child.set(value)
+    while _observed:
+        child, values = _observed.popitem()
+        observe_all(child, values)
+
+
+def observe_all(child: Any, values: list[float]) -> None:
+    """``child.observe(v) for v in values`` with one write per bucket touched and one for the sum.
+
+    Reaches into prometheus_client's Histogram child (``_upper_bounds``, ``_buckets``, ``_sum``;
+    tests/unit/test_metrics.py checks the result equals one observe() per value, so a release
+    that changes them fails there) and falls back to plain observe() calls if they are missing.
+    """
+    bounds, buckets, total = (getattr(child, a, None) for a in ("_upper_bounds", "_buckets", "_sum"))
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for v in values:
+            child.observe(v)
+        return
+    counts = collections.Counter(bisect.bisect_left(bounds, v) for v in values)
+    for index, n in counts.items():
+        buckets[index].inc(n)
+    total.inc(math.fsum(values))
 
 
 def render() -> bytes:

@@ -110,7 +110,8 @@ class Batcher:
         self.inflight = 0
         self.task: asyncio.Task | None = None
         self.timer: asyncio.TimerHandle | None = None
-        # metric children looked up once: labels() costs a dict lookup and a lock per call
+        # metric children looked up once (labels() costs a dict lookup and a lock per call), written
+        # through server.metrics once per turn of the event loop
         self.m_inflight = metrics.INFLIGHT.labels(name)
         self.m_queued = metrics.QUEUED.labels(name)
         self.m_batch = metrics.BATCH_SIZE.labels(name)
@@ -142,7 +143,7 @@ class Batcher:
         pending = _Pending(inputs, parameters, done, request_size(inputs), now, now + self.conf.request_timeout)
         self.queue.append(pending)
         self._count(+1)
-        self.m_queued.set(len(self.queue))
+        metrics.set_gauge(self.m_queued, len(self.queue))
         self.wakeup.set()
         if self.timer is None:
             self._arm(pending.deadline)
@@ -177,7 +178,7 @@ class Batcher:
 
     def _count(self, delta: int) -> None:
         self.inflight += delta
-        self.m_inflight.inc(delta)
+        metrics.set_gauge(self.m_inflight, self.inflight)
         if self.board is not None:
             self.board.set(self.name, self.inflight)
 
@@ -196,7 +197,7 @@ class Batcher:
                 self._finish(p, RequestTimeout(error), None)  # it runs on; its result will be dropped
         while self.queue and (self.queue[0].finished or self.queue[0].deadline <= now):
             self._finish(self.queue.popleft(), RequestTimeout(error), None)
-        self.m_queued.set(len(self.queue))
+        metrics.set_gauge(self.m_queued, len(self.queue))
         waiting = [p.deadline for p in self.running if not p.finished]
         if self.queue:
             waiting.append(self.queue[0].deadline)
@@ -217,7 +218,7 @@ class Batcher:
                     except asyncio.TimeoutError:
                         pass
                     batch += self._take(self.conf.max_batch_size - self._items(batch))
-                self.m_queued.set(len(self.queue))
+                metrics.set_gauge(self.m_queued, len(self.queue))
                 batch = [p for p in batch if not p.finished]
                 if not batch:
                     continue
@@ -231,15 +232,15 @@ class Batcher:
                     self.running = []
                 compute = time.perf_counter() - started
                 items = self._items(batch)
-                self.m_batch.observe(items)
+                metrics.observe(self.m_batch, items)
                 for pending, result in zip(batch, results):
                     if pending.finished:
                         continue
                     if isinstance(result, BaseException):
                         self._finish(pending, result, None)
                     else:
-                        self.m_queue_s.observe(started - pending.enqueued)
-                        self.m_compute_s.observe(compute)
+                        metrics.observe(self.m_queue_s, started - pending.enqueued)
+                        metrics.observe(self.m_compute_s, compute)
                         timing = Timing((started - pending.enqueued) * 1000, compute * 1000, items, self.worker)
                         self._finish(pending, result, timing)
 
@@ -262,35 +263,81 @@ class Batcher:
         return taken
 
     def _run_batch(self, batch: list[_Pending]) -> list[dict[str, np.ndarray] | BaseException]:
-        """On the inference thread: prepare each request, run compatible ones together, split the outputs."""
+        """On the inference thread: prepare the requests, run compatible ones together, split the outputs.
+
+        Requests whose inputs agree on names, datatypes and shapes but dim 0 (and whose parameters
+        are equal) are prepared as one: their inputs concatenated, one ``prepare`` call, which the
+        model contract allows (``prepare`` treats items independently). If that fails, each is
+        prepared alone, so only the faulty request fails.
+        """
         results: list[dict[str, np.ndarray] | BaseException | None] = [None] * len(batch)
-        groups: dict[Any, list[tuple[int, dict[str, torch.Tensor]]]] = {}
-        for i, pending in enumerate(batch):
-            try:
-                prepared = self.model.prepare(pending.inputs, pending.parameters)
-                key = (self.model.batch_key(prepared, pending.parameters), _freeze(pending.parameters))
-            except Exception as exc:  # InputError: the client's fault (4xx); anything else: a bug (500, logged)
-                results[i] = exc
-                continue
-            groups.setdefault(key, []).append((i, prepared))
-        for members in groups.values():
-            indices = [i for i, _ in members]
+        units: list[tuple[list[int], dict[str, torch.Tensor]]] = []  # (requests, their prepared tensors)
+        for indices in _alike(batch):
+            first = batch[indices[0]]
+            if len(indices) > 1:
+                try:
+                    joined = {k: _concat([batch[i].inputs[k] for i in indices]) for k in first.inputs}
+                    units.append((indices, self.model.prepare(joined, first.parameters)))
+                    continue
+                except Exception:
+                    pass  # one of them is at fault: prepare each alone below
+            for i in indices:
+                try:
+                    units.append(([i], self.model.prepare(batch[i].inputs, batch[i].parameters)))
+                except Exception as exc:  # InputError: the client's fault (4xx); anything else: a bug (500, logged)
+                    results[i] = exc
+        groups: dict[Any, list[tuple[list[int], dict[str, torch.Tensor]]]] = {}
+        for indices, prepared in units:
             parameters = batch[indices[0]].parameters
+            try:
+                key = (self.model.batch_key(prepared, parameters), _freeze(parameters))
+            except Exception as exc:
+                for i in indices:
+                    results[i] = exc
+                continue
+            groups.setdefault(key, []).append((indices, prepared))
+        for members in groups.values():
+            parameters = batch[members[0][0][0]].parameters
             try:
                 if len(members) == 1:
                     joined = members[0][1]
                 else:
                     joined = {k: torch.cat([p[k] for _, p in members]) for k in members[0][1]}
-                outputs = self.model.forward(joined, parameters)
+                outputs = {k: v.numpy() for k, v in self.model.forward(joined, parameters).items()}
                 offset = 0
-                for i, prepared in members:
-                    n = next(iter(prepared.values())).shape[0]
-                    results[i] = {k: v[offset : offset + n].numpy() for k, v in outputs.items()}
-                    offset += n
+                for indices, _ in members:
+                    for i in indices:
+                        n = batch[i].size
+                        results[i] = {k: v[offset : offset + n] for k, v in outputs.items()}
+                        offset += n
             except Exception as exc:
-                for i in indices:
-                    results[i] = exc
+                for indices, _ in members:
+                    for i in indices:
+                        results[i] = exc
         return results  # type: ignore[return-value]
+
+
+def _alike(batch: list[_Pending]) -> list[list[int]]:
+    """Indices of the requests of ``batch`` that can be prepared together, in arrival order."""
+    groups: dict[Any, list[int]] = {}
+    for i, p in enumerate(batch):
+        try:
+            signature = (tuple((k, "BYTES") if isinstance(v, list) else (k, v.dtype.str, v.shape[1:])
+                               for k, v in sorted(p.inputs.items())), _freeze(p.parameters))
+        except (AttributeError, TypeError):
+            signature = ("alone", i)
+        members = groups.setdefault(signature, [])
+        if members and p.parameters != batch[members[0]].parameters:  # _freeze keeps only scalars
+            groups[("alone", i)] = [i]
+            continue
+        members.append(i)
+    return list(groups.values())
+
+
+def _concat(values: list[RequestTensor]) -> RequestTensor:
+    if isinstance(values[0], list):
+        return [item for value in values for item in value]  # type: ignore[union-attr]
+    return np.concatenate(values)
 
 
 def _freeze(parameters: Mapping[str, Any]) -> Any:
