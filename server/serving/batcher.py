@@ -110,6 +110,7 @@ class Batcher:
         self.inflight = 0
         self.task: asyncio.Task | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.item_seconds: float | None = None  # compute per item, a moving average (None: no batch yet)
         # metric children looked up once (labels() costs a dict lookup and a lock per call), written
         # through server.metrics once per turn of the event loop
         self.m_inflight = metrics.INFLIGHT.labels(name)
@@ -232,6 +233,8 @@ class Batcher:
                     self.running = []
                 compute = time.perf_counter() - started
                 items = self._items(batch)
+                per_item = compute / max(1, items)
+                self.item_seconds = per_item if self.item_seconds is None else 0.8 * self.item_seconds + 0.2 * per_item
                 metrics.observe(self.m_batch, items)
                 for pending, result in zip(batch, results):
                     if pending.finished:

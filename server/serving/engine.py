@@ -34,6 +34,13 @@ from server.serving.loadboard import PeerLoad
 # queue is several batches deep, and a false alarm costs one duplicate computation, not an error.
 PEER_TIMEOUT = 10.0
 
+# Queueing a forward for balance must save (see Engine._less_loaded_peer). A forwarded request costs
+# ~0.1-0.2 ms of CPU on each worker and a round trip; and the batch time per item that the estimate
+# uses is measured on a loaded worker, so it runs high for small models (tiny model, 2 workers: a
+# 1 ms threshold still forwarded 16% of requests and gained nothing). 5 ms: any model whose items
+# take a millisecond or more is balanced as soon as queues differ by a handful of requests.
+FORWARD_GAIN = 0.005
+
 
 class PeerTimeout(PeerUnavailable):
     """A peer did not answer in time: the request is retried elsewhere when that is safe (503 if not)."""
@@ -314,14 +321,22 @@ class Engine:
         Per-connection balancing (shared accept, keep-alive, one client holding one connection)
         can pile requests on one worker while another idles. With one thread per worker, two
         requests on two idle workers finish sooner than a batch of two on one, so the margin is
-        small: a peer with less than half our load takes the request.
+        small: a peer with less than half our load takes the request. But forwarding costs each
+        side about as much CPU as serving the request (decode, encode, two more messages), so it
+        must also save real time: at least ``FORWARD_GAIN`` of queueing, as estimated from the
+        model's measured compute per item. A model that takes microseconds per item (where the
+        per-request cost is the limit) is never forwarded for balance.
         """
         mine = batcher.outstanding + 1  # this request included
         hosts = [p for p in hosts if not p.stalled]
         if mine < 2 or not hosts:
             return None
         best = min(hosts, key=lambda p: self._peer_load(p, batcher.name))
-        return best if self._peer_load(best, batcher.name) * 2 < mine else None
+        theirs = self._peer_load(best, batcher.name)
+        if theirs * 2 >= mine:
+            return None
+        item = batcher.item_seconds
+        return best if item is None or (mine - theirs) * item >= FORWARD_GAIN else None
 
     @staticmethod
     def _peer_load(peer: Peer, model: str) -> int:
