@@ -130,17 +130,20 @@ class Bench:
         lg = self.start_loadgen()
 
         def measure() -> dict[str, Any]:
-            workers = server.worker_pids() if hasattr(server, "worker_pids") else server.pids()
-            before = [cpu_seconds([p]) for p in workers]
+            # server CPU: every process of the server (master, frontend, supervisor...); worker CPU: each
+            # model worker's, where the server can tell its workers apart (modelsrv, FastAPI, TorchServe)
+            pids = server.pids()
+            workers = server.worker_pids() if hasattr(server, "worker_pids") else []
+            before = {p: cpu_seconds([p]) for p in pids + workers}
             t = time.perf_counter()
             res = lg.call({"op": "run", **cmd}, timeout=cmd["warmup"] + cmd["duration"] + 120)
             wall = time.perf_counter() - t
-            after = [cpu_seconds([p]) for p in workers]
-            use = [(a - b) / wall for a, b in zip(after, before)]
-            if use:
-                res["worker_cpu"] = use
-                res["worker_cpu_max"], res["worker_cpu_min"] = max(use), min(use)
-                res["server_cpu"] = sum(use)
+            use = {p: (cpu_seconds([p]) - b) / wall for p, b in before.items()}
+            if pids:
+                res["server_cpu"] = sum(use[p] for p in pids)
+            if workers:
+                res["worker_cpu"] = [use[p] for p in workers]
+                res["worker_cpu_max"], res["worker_cpu_min"] = max(res["worker_cpu"]), min(res["worker_cpu"])
             if res.get("errors"):
                 self.log(f"  {name}: {res['errors']} errors, e.g. {res.get('error_samples')}")
             return res
@@ -417,7 +420,7 @@ def markdown(docs: dict[str, dict[str, Any]]) -> str:
                 out.append(f"| {p['name']} | {fmt(p.get(key, p.get('ips')))} | {rng} | {lat} | - | no client | "
                            f"{fmt(p.get('server_cpu'), 2)} | - |")
             else:
-                wc = f"{fmt(p.get('worker_cpu_max'), 2)}/{fmt(p.get('worker_cpu_min'), 2)}" if "modelsrv" in p["group"] else "-"
+                wc = f"{fmt(p.get('worker_cpu_max'), 2)}/{fmt(p.get('worker_cpu_min'), 2)}" if "worker_cpu_max" in p else "-"
                 err = f" ({p['errors']:.0f} errors)" if p.get("errors") else ""
                 ccpu = fmt(p.get("client_cpu"), 2)
                 if isinstance(p.get("client_cpu"), float) and p["client_cpu"] >= CLIENT_BOUND:

@@ -148,16 +148,17 @@ class LitServeServer(_Process):
 
 
 
-def _ready_markers(run_dir: Path) -> int:
-    """How many workers wrote ``ready-<pid>`` into ``run_dir`` and are still alive."""
-    n = 0
+def _ready_pids(run_dir: Path) -> list[int]:
+    """The workers that wrote ``ready-<pid>`` into ``run_dir`` and are still alive (their model loaded)."""
+    out = []
     for f in run_dir.glob("ready-*"):
         try:
-            if Path(f"/proc/{int(f.name.split('-', 1)[1])}").exists():
-                n += 1
+            pid = int(f.name.split("-", 1)[1])
         except ValueError:
-            pass
-    return n
+            continue
+        if Path(f"/proc/{pid}").exists():
+            out.append(pid)
+    return sorted(out)
 
 
 def _bench_venv_has(modules: str) -> bool:
@@ -183,11 +184,14 @@ class FastAPIServer(_Process):
     def available() -> bool:
         return _bench_venv_has("fastapi, uvicorn, torch")
 
+    def worker_pids(self) -> list[int]:
+        return _ready_pids(self.run_dir)
+
     def start(self, timeout: float = 240.0) -> FastAPIServer:
         with open(self.log, "ab") as f:
             self.proc = subprocess.Popen(self.argv, stdout=f, stderr=subprocess.STDOUT, cwd=str(REPO),
                                          env=env_with_repo({"PYTHONWARNINGS": "ignore"}))
-        wait_for(lambda: _ready_markers(self.run_dir) >= self.workers
+        wait_for(lambda: len(_ready_pids(self.run_dir)) >= self.workers
                  and http_get(f"http://127.0.0.1:{self.port}/health") == 200,
                  timeout, "FastAPI peer to be ready", 0.25, self.proc, self.log)
         return self
@@ -274,6 +278,9 @@ class TorchServeServer(_Process):
             raise RuntimeError(f"torch-model-archiver failed:\n{(r.stdout + r.stderr).decode()[-3000:]}")
         return self.store / f"{self.name}.mar"
 
+    def worker_pids(self) -> list[int]:
+        return _ready_pids(self.pin_dir)
+
     def start(self, timeout: float = 300.0) -> TorchServeServer:
         self.archive()
         with open(self.log, "ab") as f:
@@ -282,7 +289,7 @@ class TorchServeServer(_Process):
                                           "--ncs", "--disable-token-auth"]
                                          + (["--log-config", str(self.log_config)] if self.log_config else []),
                                          stdout=f, stderr=subprocess.STDOUT, cwd=str(self.prefix), env=self._env())
-        wait_for(lambda: _ready_markers(self.pin_dir) >= self.workers
+        wait_for(lambda: len(_ready_pids(self.pin_dir)) >= self.workers
                  and http_get(f"http://127.0.0.1:{self.port}/ping") == 200,
                  timeout, "TorchServe to be ready", 0.25, self.proc, self.log)
         return self
