@@ -1,7 +1,8 @@
 """modelsrv benchmarks: the serving path against raw torch, a bare ZeroMQ echo loop and the peers.
 
-    .venv/bin/python bench/run.py                 # everything, 3 rounds (about 10.5 minutes on 2 cores)
-    .venv/bin/python bench/run.py --quick         # 1 round, shorter points (a smoke run, ~4 minutes)
+    .venv/bin/python bench/run.py                 # everything, 3 rounds (10.5 minutes on 2 cores before the
+                                                  # FastAPI and TorchServe peers: 6 more points in densenet, 4 in tiny)
+    .venv/bin/python bench/run.py --quick         # 1 round, shorter points (a smoke run)
     .venv/bin/python bench/run.py --only tiny     # one section: densenet | tiny | models (comma list)
     .venv/bin/python bench/run.py --peers fastapi # peers: litserve,fastapi,torchserve (default all) or none
 
