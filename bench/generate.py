@@ -138,7 +138,7 @@ class GenPoint(Point):
 
 class GenBench(Bench):
     def __init__(self, args: argparse.Namespace) -> None:
-        args.peer = "none"
+        args.peers = "none"  # Bench's serving peers: none here (generate.py starts its own)
         super().__init__(args)
         self.plan = PLANS[args.config]
         self.timing = self.plan["quick" if self.quick else "timing"]

@@ -11,7 +11,9 @@ the window (``client_cpu``, in cores) is reported, so a saturated client shows.
 - ``zmq-raw``: bare pyzmq DEALER sockets in one synchronous poll loop (the lightest possible
   client; tells the server's ceiling apart from the Python client's).
 - ``http``: keep-alive HTTP/1.1 over raw asyncio protocols (uvloop), one connection per
-  in-flight request; body either KServe v2 binary (modelsrv) or JSON + base64 (LitServe app).
+  in-flight request; body either KServe v2 binary (``format: kserve``, modelsrv) or JSON with
+  base64 tensor data (``format: json``, alias ``litserve``; the peers: LitServe, FastAPI,
+  TorchServe), POSTed to ``path`` (default ``/predict``).
 """
 
 from __future__ import annotations
@@ -249,7 +251,7 @@ def http_body(cmd: dict[str, Any], inputs: dict[str, np.ndarray]) -> bytes:
         return (f"POST /v2/models/{cmd['model']}/infer HTTP/1.1\r\nHost: {host}\r\n"
                 f"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: {len(head)}\r\n"
                 f"Content-Length: {len(body)}\r\n\r\n").encode() + body
-    if cmd["format"] == "litserve":
+    if cmd["format"] in ("json", "litserve"):  # the peers' body: LitServe, FastAPI and TorchServe alike
         doc = {"inputs": {name: {"shape": list(a.shape), "dtype": str(a.dtype), "data": base64.b64encode(a.tobytes()).decode()}
                           for name, a in inputs.items()}}
         body = json.dumps(doc).encode()

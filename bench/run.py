@@ -1,16 +1,20 @@
-"""modelsrv benchmarks: the serving path against raw torch, a bare ZeroMQ echo loop and LitServe.
+"""modelsrv benchmarks: the serving path against raw torch, a bare ZeroMQ echo loop and the peers.
 
-    .venv/bin/python bench/run.py                 # everything, 3 rounds (about 10.5 minutes on 2 cores)
-    .venv/bin/python bench/run.py --quick         # 1 round, shorter points (a smoke run, ~4 minutes)
+    .venv/bin/python bench/run.py                 # everything, 3 rounds (10.5 minutes on 2 cores before the
+                                                  # FastAPI and TorchServe peers: 6 more points in densenet, 4 in tiny)
+    .venv/bin/python bench/run.py --quick         # 1 round, shorter points (a smoke run)
     .venv/bin/python bench/run.py --only tiny     # one section: densenet | tiny | models (comma list)
+    .venv/bin/python bench/run.py --peers fastapi # peers: litserve,fastapi,torchserve (default all) or none
 
 Sections (docs/BENCHMARKS.md says what each measures and why):
 - densenet: DenseNet-121 1x3x224x224. The limit (raw torch, 2 processes x 1 thread pinned, and 1
   process x 2 threads, at the best batch size of a sweep) against modelsrv over HTTP (KServe
-  binary) and ZeroMQ (AsyncClient) at concurrency 1, 8, 32, and LitServe (.venv-bench) the same.
+  binary) and ZeroMQ (AsyncClient) at concurrency 1, 8, 32, and the peers (.venv-bench) the same:
+  LitServe, a hand-rolled FastAPI + uvicorn server, TorchServe.
 - tiny: per-request overhead. A minimal DenseNet on 1x3x8x8 over ZeroMQ at concurrency 32, with 1
   and 2 workers, against a bare pyzmq ROUTER echo loop in one process answering the same payload;
-  each with the product's AsyncClient and with a bare pyzmq client. Also modelsrv vs LitServe over HTTP.
+  each with the product's AsyncClient and with a bare pyzmq client. Also modelsrv against the
+  peers over HTTP at concurrency 1 and 32.
 - models: AFNO, MaskFormer, DETR3D (small configs): modelsrv over ZeroMQ against raw torch.
 
 Every configuration of a section is started once and measured in interleaved rounds (so a noisy
@@ -36,9 +40,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import BENCH, PY, REPO, JsonProc, cpu_seconds, env_with_repo, loadavg, machine_description, median  # noqa: E402
-from bench.servers import EchoServer, LitServeServer, ModelsrvServer  # noqa: E402
+from bench.servers import EchoServer, FastAPIServer, LitServeServer, ModelsrvServer, TorchServeServer  # noqa: E402
 
 SECTIONS = ("densenet", "tiny", "models")
+# The peers, in .venv-bench (make bench-env): name on the command line -> (label in the tables, server class)
+PEERS = {"litserve": ("LitServe", LitServeServer), "fastapi": ("FastAPI", FastAPIServer),
+         "torchserve": ("TorchServe", TorchServeServer)}
+CLIENT_BOUND = 0.8  # client CPU (cores) from which a point is marked client-bound in the tables
 
 
 class Point:
@@ -72,9 +80,13 @@ class Bench:
         self.cleanup: list[Any] = []
         self.loadgen: JsonProc | None = None
         self.models: dict[str, dict] = {}
-        self.peer = args.peer != "none" and LitServeServer.available()
-        if args.peer != "none" and not self.peer:
-            print("note: .venv-bench with litserve not found: peer measurements skipped (see docs/BENCHMARKS.md)")
+        wanted = [p.strip() for p in args.peers.split(",") if p.strip() and p.strip() != "none"]
+        self.peers = [p for p in PEERS if p in wanted and PEERS[p][1].available()]
+        for p in wanted:
+            if p not in self.peers:
+                print(f"note: {PEERS[p][0]} not available in .venv-bench (make bench-env; TorchServe also needs "
+                      "java): its points are skipped (see docs/BENCHMARKS.md)")
+        self.peer_errors: dict[str, str] = {}
 
     # -- helpers ------------------------------------------------------------------------------------
     def log(self, msg: str) -> None:
@@ -107,7 +119,11 @@ class Bench:
 
     def raw_point(self, name: str, group: JsonProc, batch: int, duration: float, **info: Any) -> Point:
         def measure() -> dict[str, Any]:
-            return group.call({"op": "run", "batch": batch, "duration": duration}, timeout=duration + 300)
+            pids = group.pids()
+            before, t = cpu_seconds(pids), time.perf_counter()
+            res = group.call({"op": "run", "batch": batch, "duration": duration}, timeout=duration + 300)
+            res["server_cpu"] = (cpu_seconds(pids) - before) / (time.perf_counter() - t)  # no client: the processes' own
+            return res
 
         return Point(name, measure, group="raw", batch=batch, **info)
 
@@ -115,17 +131,20 @@ class Bench:
         lg = self.start_loadgen()
 
         def measure() -> dict[str, Any]:
-            workers = server.worker_pids() if hasattr(server, "worker_pids") else server.pids()
-            before = [cpu_seconds([p]) for p in workers]
+            # server CPU: every process of the server (master, frontend, supervisor...); worker CPU: each
+            # model worker's, where the server can tell its workers apart (modelsrv, FastAPI, TorchServe)
+            pids = server.pids()
+            workers = server.worker_pids() if hasattr(server, "worker_pids") else []
+            before = {p: cpu_seconds([p]) for p in pids + workers}
             t = time.perf_counter()
             res = lg.call({"op": "run", **cmd}, timeout=cmd["warmup"] + cmd["duration"] + 120)
             wall = time.perf_counter() - t
-            after = [cpu_seconds([p]) for p in workers]
-            use = [(a - b) / wall for a, b in zip(after, before)]
-            if use:
-                res["worker_cpu"] = use
-                res["worker_cpu_max"], res["worker_cpu_min"] = max(use), min(use)
-                res["server_cpu"] = sum(use)
+            use = {p: (cpu_seconds([p]) - b) / wall for p, b in before.items()}
+            if pids:
+                res["server_cpu"] = sum(use[p] for p in pids)
+            if workers:
+                res["worker_cpu"] = [use[p] for p in workers]
+                res["worker_cpu_max"], res["worker_cpu_min"] = max(res["worker_cpu"]), min(res["worker_cpu"])
             if res.get("errors"):
                 self.log(f"  {name}: {res['errors']} errors, e.g. {res.get('error_samples')}")
             return res
@@ -189,6 +208,34 @@ class Bench:
         self.cleanup.append(srv)
         return srv.start()
 
+    def start_peers(self, section: str, model: str, folder: str, max_batch_size: int) -> dict[str, tuple[Any, str]]:
+        """Start every chosen peer on ``folder``: {label: (server, URL path)}; a peer that fails to start is skipped."""
+        out: dict[str, tuple[Any, str]] = {}
+        for key in self.peers:
+            label = PEERS[key][0]
+            prefix = self.work / f"{key}-{section}"
+            if key == "litserve":  # batching as modelsrv's earlier default (max_batch_size 32, 2 ms)
+                srv, path = LitServeServer(prefix, folder, 2, 32, 0.002), "/predict"
+            elif key == "fastapi":  # no batching: the model inline in each of 2 uvicorn workers
+                srv, path = FastAPIServer(prefix, folder, 2), "/predict"
+            else:  # batching as modelsrv's section config: batch size = its max_batch_size, 2 ms
+                srv, path = TorchServeServer(prefix, model, folder, 2, max_batch_size, 2), f"/predictions/{model}"
+            try:
+                t = time.monotonic()
+                out[label] = (self.server(srv), path)
+                self.log(f"  {label} ready in {time.monotonic() - t:.0f} s")
+            except Exception as exc:  # the other servers' points still run
+                self.peer_errors[f"{section}: {label}"] = str(exc)[-2000:]
+                self.log(f"  {label}: FAILED to start, its points are skipped: {str(exc)[:500]}")
+                srv.stop()
+        return out
+
+    @staticmethod
+    def peer_memory(peers: dict[str, tuple[Any, str]]) -> dict[str, float]:
+        what = {"LitServe": "all processes", "FastAPI": "uvicorn supervisor + 2 workers",
+                "TorchServe": "launcher + JVM frontend + 2 workers"}
+        return {f"{label} ({what.get(label, 'all processes')})": srv.pss() for label, (srv, _) in peers.items()}
+
     # -- sections ---------------------------------------------------------------------------------
     def densenet(self) -> dict[str, Any]:
         q = self.quick
@@ -211,7 +258,7 @@ class Bench:
         ms = self.server(ModelsrvServer(self.work / "ms-densenet", {"densenet121": conf}, workers=2))
         ms32 = self.server(ModelsrvServer(self.work / "ms-densenet-32", {"densenet121": {**conf, "max_batch_size": 32}},
                                           workers=2))
-        lit = self.server(LitServeServer(self.work / "lit-densenet", m["folder"], 2, 32, 0.002)) if self.peer else None
+        peers = self.start_peers("densenet", "densenet121", m["folder"], conf["max_batch_size"])
         points = [self.raw_point("raw torch 2 proc x 1 thread", raw21, best, raw_dur, procs=2, threads=1),
                   self.raw_point("raw torch 1 proc x 2 threads", raw12, best, raw_dur, procs=1, threads=2)]
         for c in (1, 8, 32):
@@ -222,9 +269,10 @@ class Bench:
             zmq = {**base, "kind": "zmq", "connections": 8}
             points.append(self.load_point(f"modelsrv HTTP c={c}", ms, {**http, "port": ms.http_port}, "modelsrv-http"))
             points.append(self.load_point(f"modelsrv ZMQ c={c}", ms, {**zmq, "address": ms.zmq_address}, "modelsrv-zmq"))
-            if lit is not None:
-                points.append(self.load_point(f"LitServe HTTP c={c}", lit, {**base, "kind": "http", "port": lit.port,
-                                                                             "format": "litserve"}, "litserve-http"))
+            for label, (srv, path) in peers.items():
+                points.append(self.load_point(f"{label} HTTP c={c}", srv, {**base, "kind": "http", "port": srv.port,
+                                                                            "format": "json", "path": path},
+                                              f"{label.lower()}-http"))
             if c == 32:  # the same server with max_batch_size 32 (LitServe's setting here; the earlier default)
                 points.append(self.load_point(f"modelsrv mbs32 HTTP c={c}", ms32, {**http, "port": ms32.http_port},
                                               "modelsrv-mbs32-http"))
@@ -239,21 +287,21 @@ class Bench:
             for variant in ("", "mbs32 "):
                 targets[f"modelsrv {variant}{proto} c=32 / raw 2x1 limit"] = self.paired_ratio(
                     by[f"modelsrv {variant}{proto} c=32"], limit)
-        if lit is not None:
+        for label in peers:
             for proto in ("HTTP", "ZMQ"):
                 for c in (1, 8, 32):
-                    targets[f"modelsrv {proto} / LitServe c={c}"] = self.paired_ratio(by[f"modelsrv {proto} c={c}"],
-                                                                                     by[f"LitServe HTTP c={c}"])
-                targets[f"modelsrv mbs32 {proto} / LitServe c=32"] = self.paired_ratio(by[f"modelsrv mbs32 {proto} c=32"],
-                                                                                       by["LitServe HTTP c=32"])
-        memory = {"modelsrv mbs8 (master + 2 workers)": ms.pss(), "modelsrv mbs32 (master + 2 workers)": ms32.pss()}
-        if lit is not None:
-            memory["LitServe (all processes)"] = lit.pss()
-        for s in (ms, ms32, lit):
-            if s is not None:
-                s.stop()
+                    targets[f"modelsrv {proto} / {label} c={c}"] = self.paired_ratio(by[f"modelsrv {proto} c={c}"],
+                                                                                    by[f"{label} HTTP c={c}"])
+                targets[f"modelsrv mbs32 {proto} / {label} c=32"] = self.paired_ratio(by[f"modelsrv mbs32 {proto} c=32"],
+                                                                                      by[f"{label} HTTP c=32"])
+        memory = {"modelsrv mbs8 (master + 2 workers)": ms.pss(), "modelsrv mbs32 (master + 2 workers)": ms32.pss(),
+                  **self.peer_memory(peers)}
+        for s in (ms, ms32, *(srv for srv, _ in peers.values())):
+            s.stop()
         return self.save("densenet", points, {"sweep_2x1": {str(k): v for k, v in sweep.items()}, "best_batch": best,
-                                              "targets": targets, "pss_mib": memory})
+                                              "targets": targets, "pss_mib": memory,
+                                              "peer_errors": {k: v for k, v in self.peer_errors.items()
+                                                              if k.startswith("densenet:")}})
 
     def tiny(self) -> dict[str, Any]:
         q = self.quick
@@ -261,11 +309,11 @@ class Bench:
         self.prepare(["tiny"])
         m = self.models["tiny"]
         conf = {"path": m["folder"], "max_batch_size": 32, "batch_timeout": "2ms", "max_queue_size": 1024}
-        self.log("tiny: starting echo, modelsrv (2 workers, 1 worker), LitServe")
+        self.log("tiny: starting echo, modelsrv (2 workers, 1 worker), the peers")
         echo = self.server(EchoServer(self.work))
         ms2 = self.server(ModelsrvServer(self.work / "ms-tiny-2", {"tiny": conf}, workers=2))
         ms1 = self.server(ModelsrvServer(self.work / "ms-tiny-1", {"tiny": conf}, workers=1))
-        lit = self.server(LitServeServer(self.work / "lit-tiny", m["folder"], 2, 32, 0.002)) if self.peer else None
+        peers = self.start_peers("tiny", "tiny", m["folder"], conf["max_batch_size"])
         base = {"npz": m["npz"], "model": "tiny", "warmup": warm, "duration": dur, "max_requests": 200_000,
                 "connections": 8}
         points = []
@@ -280,10 +328,10 @@ class Bench:
             points.append(self.load_point(f"modelsrv 2 workers HTTP c={c}", ms2,
                                           {**base, "kind": "http", "port": ms2.http_port, "format": "kserve",
                                            "concurrency": c}, "modelsrv-http"))
-            if lit is not None:
-                points.append(self.load_point(f"LitServe HTTP c={c}", lit,
-                                              {**base, "kind": "http", "port": lit.port, "format": "litserve",
-                                               "concurrency": c}, "litserve-http"))
+            for label, (srv, path) in peers.items():
+                points.append(self.load_point(f"{label} HTTP c={c}", srv,
+                                              {**base, "kind": "http", "port": srv.port, "format": "json", "path": path,
+                                               "concurrency": c}, f"{label.lower()}-http"))
         self.log(f"tiny: {len(points)} points x {self.rounds} rounds")
         self.run_rounds(points)
         by = {p.name: p for p in points}
@@ -293,17 +341,20 @@ class Bench:
             for w in ("2 workers", "1 worker"):
                 targets[f"modelsrv {w} / echo ({label})"] = self.paired_ratio(by[f"modelsrv {w} ZMQ c=32 ({label})"],
                                                                              echo_p, "rps")
-        if lit is not None:
+        for label in peers:
             for c in (1, 32):
-                targets[f"modelsrv HTTP / LitServe c={c}"] = self.paired_ratio(by[f"modelsrv 2 workers HTTP c={c}"],
-                                                                              by[f"LitServe HTTP c={c}"], "rps")
-        memory = {"modelsrv 2 workers": ms2.pss(), "modelsrv 1 worker": ms1.pss()}
-        if lit is not None:
-            memory["LitServe"] = lit.pss()
-        for s in (echo, ms2, ms1, lit):
-            if s is not None:
-                s.stop()
-        return self.save("tiny", points, {"targets": targets, "pss_mib": memory})
+                targets[f"modelsrv HTTP / {label} c={c}"] = self.paired_ratio(by[f"modelsrv 2 workers HTTP c={c}"],
+                                                                             by[f"{label} HTTP c={c}"], "rps")
+        memory = {"modelsrv 2 workers (master + 2 workers)": ms2.pss(), "modelsrv 1 worker (master + 1 worker)": ms1.pss(),
+                  "echo loop": echo.pss(), **self.peer_memory(peers)}
+        if "FastAPI" in peers:  # the issue's memory target: modelsrv <= 0.75 of the FastAPI peer on this model
+            fa = [v for k, v in memory.items() if k.startswith("FastAPI")][0]
+            targets["PSS modelsrv 2 workers / FastAPI"] = memory["modelsrv 2 workers (master + 2 workers)"] / fa
+        for s in (echo, ms2, ms1, *(srv for srv, _ in peers.values())):
+            s.stop()
+        return self.save("tiny", points, {"targets": targets, "pss_mib": memory,
+                                          "peer_errors": {k: v for k, v in self.peer_errors.items()
+                                                          if k.startswith("tiny:")}})
 
     def models_section(self) -> dict[str, Any]:
         q = self.quick
@@ -352,6 +403,8 @@ def markdown(docs: dict[str, dict[str, Any]]) -> str:
     meta = next(iter(docs.values()))["meta"] if docs else {}
     out.append(f"Run {meta.get('date')} on {meta.get('machine')}; commit {meta.get('commit')}; "
                f"{meta.get('rounds')} round(s); load average at the end {meta.get('loadavg')}.\n")
+    out.append(f"client CPU: the load generator's CPU over the window, in cores; '(client-bound)' from {CLIENT_BOUND}: "
+               "there the client, not the server, may be the limit. server CPU: all the server's processes.\n")
     for section, doc in docs.items():
         per = "images/s" if section != "tiny" else "req/s"
         key = "ips" if section != "tiny" else "rps"
@@ -365,13 +418,22 @@ def markdown(docs: dict[str, dict[str, Any]]) -> str:
             rng = f"{fmt(p.get(key + '_min'))}-{fmt(p.get(key + '_max'))}" if key + "_min" in p else "-"
             if p["group"] == "raw":
                 lat = f"batch {p.get('batch')}: {fmt(p.get('batch_ms'))}"
-                out.append(f"| {p['name']} | {fmt(p.get(key, p.get('ips')))} | {rng} | {lat} | - | - | - | - |")
+                out.append(f"| {p['name']} | {fmt(p.get(key, p.get('ips')))} | {rng} | {lat} | - | no client | "
+                           f"{fmt(p.get('server_cpu'), 2)} | - |")
             else:
-                wc = f"{fmt(p.get('worker_cpu_max'), 2)}/{fmt(p.get('worker_cpu_min'), 2)}" if "modelsrv" in p["group"] else "-"
+                wc = f"{fmt(p.get('worker_cpu_max'), 2)}/{fmt(p.get('worker_cpu_min'), 2)}" if "worker_cpu_max" in p else "-"
                 err = f" ({p['errors']:.0f} errors)" if p.get("errors") else ""
+                ccpu = fmt(p.get("client_cpu"), 2)
+                if isinstance(p.get("client_cpu"), float) and p["client_cpu"] >= CLIENT_BOUND:
+                    ccpu += " (client-bound)"
                 out.append(f"| {p['name']}{err} | {fmt(p.get(key))} | {rng} | {fmt(p.get('p50_ms'))} | "
-                           f"{fmt(p.get('p99_ms'))} | {fmt(p.get('client_cpu'), 2)} | {fmt(p.get('server_cpu'), 2)} | {wc} |")
+                           f"{fmt(p.get('p99_ms'))} | {ccpu} | {fmt(p.get('server_cpu'), 2)} | {wc} |")
         out.append("")
+        if any(r.get("error") for rounds in doc.get("raw", {}).values() for r in rounds):
+            failed = sorted({n for n, rounds in doc["raw"].items() for r in rounds if r.get("error")})
+            out.append("Failed measurements (see the JSON): " + ", ".join(failed) + "\n")
+        for peer, err in doc.get("peer_errors", {}).items():
+            out.append(f"Peer not measured: {peer}: {err.splitlines()[0] if err else '?'}\n")
         if doc.get("targets"):
             out.append("| ratio (median of per-round ratios) | value |")
             out.append("|---|---:|")
@@ -388,13 +450,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="one round, shorter points")
     ap.add_argument("--only", default="", help=f"comma list of sections: {', '.join(SECTIONS)}")
     ap.add_argument("--rounds", type=int, default=0, help="rounds per point (default 3, --quick 1)")
-    ap.add_argument("--peer", choices=("litserve", "none"), default="litserve")
+    ap.add_argument("--peers", "--peer", dest="peers", default=",".join(PEERS),
+                    help=f"comma list of peers to measure beside modelsrv: {', '.join(PEERS)} (default all), or none")
     ap.add_argument("--out", default=str(BENCH / "results"))
     args = ap.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()] or list(SECTIONS)
     bad = [s for s in only if s not in SECTIONS]
     if bad:
         ap.error(f"unknown section(s) {bad}; choose from {SECTIONS}")
+    bad = [p for p in args.peers.split(",") if p.strip() and p.strip() not in (*PEERS, "none")]
+    if bad:
+        ap.error(f"unknown peer(s) {bad}; choose from {', '.join(PEERS)} or none")
     bench = Bench(args)
     docs: dict[str, dict[str, Any]] = {}
     started = time.monotonic()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
 from bench.common import (
     BENCH,
     BENCH_PY,
+    BENCH_VENV,
     PY,
     REPO,
     descendants,
@@ -144,3 +146,150 @@ class LitServeServer(_Process):
                  0.25, self.proc, self.log)
         return self
 
+
+
+def _ready_pids(run_dir: Path) -> list[int]:
+    """The workers that wrote ``ready-<pid>`` into ``run_dir`` and are still alive (their model loaded)."""
+    out = []
+    for f in run_dir.glob("ready-*"):
+        try:
+            pid = int(f.name.split("-", 1)[1])
+        except ValueError:
+            continue
+        if Path(f"/proc/{pid}").exists():
+            out.append(pid)
+    return sorted(out)
+
+
+def _bench_venv_has(modules: str) -> bool:
+    if not Path(BENCH_PY).exists():
+        return False
+    return subprocess.run([BENCH_PY, "-c", f"import {modules}"], capture_output=True).returncode == 0
+
+
+class FastAPIServer(_Process):
+    """bench/fastapi_app.py in .venv-bench: uvicorn --workers 2, the model inline in each, no batching, pinned."""
+
+    def __init__(self, prefix: Path, folder: str, workers: int = 2, style: str = "def") -> None:
+        self.port = free_port()
+        self.workers = workers
+        self.run_dir = prefix / f"fastapi-{self.port}"
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.log = prefix / f"fastapi-{self.port}.log"
+        self.argv = [BENCH_PY, str(BENCH / "fastapi_app.py"), "--folder", folder, "--port", str(self.port),
+                     "--workers", str(workers), "--style", style, "--run-dir", str(self.run_dir)]
+        self.proc: subprocess.Popen | None = None
+
+    @staticmethod
+    def available() -> bool:
+        return _bench_venv_has("fastapi, uvicorn, torch")
+
+    def worker_pids(self) -> list[int]:
+        return _ready_pids(self.run_dir)
+
+    def start(self, timeout: float = 240.0) -> FastAPIServer:
+        with open(self.log, "ab") as f:
+            self.proc = subprocess.Popen(self.argv, stdout=f, stderr=subprocess.STDOUT, cwd=str(REPO),
+                                         env=env_with_repo({"PYTHONWARNINGS": "ignore"}))
+        wait_for(lambda: len(_ready_pids(self.run_dir)) >= self.workers
+                 and http_get(f"http://127.0.0.1:{self.port}/health") == 200,
+                 timeout, "FastAPI peer to be ready", 0.25, self.proc, self.log)
+        return self
+
+
+# TorchServe's own log4j2.xml (in its jar) less the per-request DEBUG/INFO lines of the frontend
+# (to ts_log.log and stdout) and the per-request metric lines (metrics_mode=prometheus keeps them
+# in memory, as modelsrv's metrics are): the access log stays, as modelsrv's does.
+TORCHSERVE_QUIET_LOG4J2 = """<?xml version="1.0" encoding="UTF-8"?>
+<Configuration>
+  <Appenders>
+    <File name="access_log" fileName="logs/access_log.log"><PatternLayout pattern="%d{ISO8601} - %m%n"/></File>
+    <File name="ts_log" fileName="logs/ts_log.log"><PatternLayout pattern="%d{ISO8601} [%-5p] %t %c - %m%n"/></File>
+    <File name="model_log" fileName="logs/model_log.log"><PatternLayout pattern="%d{ISO8601} [%-5p] %t %c - %m%n"/></File>
+  </Appenders>
+  <Loggers>
+    <Logger name="ACCESS_LOG" level="info" additivity="false"><AppenderRef ref="access_log"/></Logger>
+    <Logger name="io.netty" level="error"/>
+    <Logger name="org.apache" level="off"/>
+    <Logger name="MODEL_LOG" level="warn" additivity="false"><AppenderRef ref="model_log"/></Logger>
+    <Logger name="MODEL_METRICS" level="warn" additivity="false"><AppenderRef ref="model_log"/></Logger>
+    <Logger name="TS_METRICS" level="warn" additivity="false"><AppenderRef ref="ts_log"/></Logger>
+    <Logger name="org.pytorch.serve" level="warn" additivity="false"><AppenderRef ref="ts_log"/></Logger>
+    <Root level="warn"><AppenderRef ref="ts_log"/></Root>
+  </Loggers>
+</Configuration>
+"""
+
+
+class TorchServeServer(_Process):
+    """TorchServe (.venv-bench, Java frontend) with bench/torchserve_handler.py; batching on; 2 workers, pinned.
+
+    Everything it writes (the .mar, config.properties, logs/, its pid file, the workers' unix
+    sockets) goes under ``prefix``; stopped by PID with its whole process tree (launcher, JVM, workers).
+    """
+
+    def __init__(self, prefix: Path, name: str, folder: str, workers: int = 2, batch_size: int = 8,
+                 max_batch_delay_ms: int = 2, quiet: bool = True) -> None:
+        self.name = name
+        self.port, self.management_port, self.metrics_port = free_port(), free_port(), free_port()
+        self.workers = workers
+        self.prefix = prefix / f"torchserve-{self.port}"
+        self.store = self.prefix / "store"
+        self.tmp = self.prefix / "tmp"
+        self.pin_dir = self.prefix / "cores"
+        for d in (self.store, self.tmp, self.pin_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self.log = self.prefix / "torchserve.log"
+        (self.prefix / "model-config.yaml").write_text(
+            f"minWorkers: {workers}\nmaxWorkers: {workers}\nbatchSize: {batch_size}\n"
+            f"maxBatchDelay: {max_batch_delay_ms}\nresponseTimeout: 300\n"
+            f"handler:\n  folder: {folder}\n  threads: 1\n  pin_dir: {self.pin_dir}\n  repo: {REPO}\n")
+        self.config = self.prefix / "config.properties"
+        self.config.write_text(
+            f"inference_address=http://127.0.0.1:{self.port}\n"
+            f"management_address=http://127.0.0.1:{self.management_port}\n"
+            f"metrics_address=http://127.0.0.1:{self.metrics_port}\n"
+            f"model_store={self.store}\nload_models={name}.mar\ndefault_workers_per_model={workers}\n"
+            f"initial_worker_port={free_port()}\n"
+            "disable_token_authorization=true\nenable_model_api=false\ninstall_py_dep_per_model=false\n"
+            "disable_system_metrics=true\n" + ("metrics_mode=prometheus\n" if quiet else ""))
+        self.log_config: Path | None = None
+        if quiet:
+            self.log_config = self.prefix / "log4j2.xml"
+            self.log_config.write_text(TORCHSERVE_QUIET_LOG4J2)
+        self.proc: subprocess.Popen | None = None
+
+    @staticmethod
+    def available() -> bool:
+        return (_bench_venv_has("ts, model_archiver, torch") and (BENCH_VENV / "bin" / "torchserve").exists()
+                and shutil.which("java") is not None)
+
+    def _env(self) -> dict[str, str]:
+        # TEMP: the JVM's java.io.tmpdir (the workers' unix sockets); TMPDIR: the launcher's pid file
+        return env_with_repo({"PYTHONWARNINGS": "ignore", "TEMP": str(self.tmp), "TMPDIR": str(self.tmp)})
+
+    def archive(self) -> Path:
+        r = subprocess.run([str(BENCH_VENV / "bin" / "torch-model-archiver"), "--model-name", self.name,
+                            "--version", "1.0", "--handler", str(BENCH / "torchserve_handler.py"),
+                            "--config-file", str(self.prefix / "model-config.yaml"),
+                            "--export-path", str(self.store), "--force"],
+                           capture_output=True, cwd=str(self.prefix), env=self._env(), timeout=300)
+        if r.returncode:
+            raise RuntimeError(f"torch-model-archiver failed:\n{(r.stdout + r.stderr).decode()[-3000:]}")
+        return self.store / f"{self.name}.mar"
+
+    def worker_pids(self) -> list[int]:
+        return _ready_pids(self.pin_dir)
+
+    def start(self, timeout: float = 300.0) -> TorchServeServer:
+        self.archive()
+        with open(self.log, "ab") as f:
+            self.proc = subprocess.Popen([str(BENCH_VENV / "bin" / "torchserve"), "--start", "--foreground",
+                                          "--ts-config", str(self.config), "--model-store", str(self.store),
+                                          "--ncs", "--disable-token-auth"]
+                                         + (["--log-config", str(self.log_config)] if self.log_config else []),
+                                         stdout=f, stderr=subprocess.STDOUT, cwd=str(self.prefix), env=self._env())
+        wait_for(lambda: len(_ready_pids(self.pin_dir)) >= self.workers
+                 and http_get(f"http://127.0.0.1:{self.port}/ping") == 200,
+                 timeout, "TorchServe to be ready", 0.25, self.proc, self.log)
+        return self
