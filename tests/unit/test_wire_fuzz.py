@@ -79,9 +79,13 @@ class Router:
 
     def __init__(self) -> None:
         self.sent: list[list[Any]] = []
+        self.partial: list[Any] = []
 
-    def send_multipart(self, frames: list[Any], flags: int = 0, copy: bool = True) -> None:
-        self.sent.append(frames)
+    def send(self, frame: Any, flags: int = 0, copy: bool = True) -> None:
+        self.partial.append(frame)
+        if not flags & zmq.SNDMORE:
+            self.sent.append(self.partial)
+            self.partial = []
 
     def getsockopt(self, option: int) -> int:
         return 0
