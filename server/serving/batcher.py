@@ -110,7 +110,11 @@ class Batcher:
         self.inflight = 0
         self.task: asyncio.Task | None = None
         self.timer: asyncio.TimerHandle | None = None
-        self.item_seconds: float | None = None  # compute per item, a moving average (None: no batch yet)
+        # CPU time of the inference thread per item, a moving average (None: no batch yet). CPU, not
+        # wall time: on a loaded worker the thread waits for the GIL, and a tiny model's batch of 11
+        # took 2.1 ms of wall time for ~0.25 ms of work (bench/spy.py, 2 workers, c=32)
+        self.item_seconds: float | None = None
+        self.batch_cpu = 0.0  # the last batch's, set by the inference thread
         # metric children looked up once (labels() costs a dict lookup and a lock per call), written
         # through server.metrics once per turn of the event loop
         self.m_inflight = metrics.INFLIGHT.labels(name)
@@ -233,7 +237,7 @@ class Batcher:
                     self.running = []
                 compute = time.perf_counter() - started
                 items = self._items(batch)
-                per_item = compute / max(1, items)
+                per_item = self.batch_cpu / max(1, items)
                 self.item_seconds = per_item if self.item_seconds is None else 0.8 * self.item_seconds + 0.2 * per_item
                 metrics.observe(self.m_batch, items)
                 for pending, result in zip(batch, results):
@@ -273,6 +277,13 @@ class Batcher:
         model contract allows (``prepare`` treats items independently). If that fails, each is
         prepared alone, so only the faulty request fails.
         """
+        cpu_started = time.thread_time()
+        try:
+            return self._prepare_and_forward(batch)
+        finally:
+            self.batch_cpu = time.thread_time() - cpu_started
+
+    def _prepare_and_forward(self, batch: list[_Pending]) -> list[dict[str, np.ndarray] | BaseException]:
         results: list[dict[str, np.ndarray] | BaseException | None] = [None] * len(batch)
         units: list[tuple[list[int], dict[str, torch.Tensor]]] = []  # (requests, their prepared tensors)
         for indices in _alike(batch):
