@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,11 +54,23 @@ class Peer:
     meta: dict[str, Any] = field(default_factory=dict)
     load: PeerLoad | None = None  # the peer's own count of outstanding requests per model
     socket: zmq.asyncio.Socket | None = None
+    plain: zmq.Socket | None = None  # the same socket, for sends that must not wait (relays)
     outstanding: int = 0
-    waiting: dict[int, asyncio.Future | asyncio.Queue] = field(default_factory=dict)  # Queue: a generation stream
+    # what each request id sent to this peer waits for its reply: a Future (infer), a Queue (a
+    # generation stream, one reply per chunk) or a _Relay (a client's request relayed as it came)
+    waiting: dict[int, asyncio.Future | asyncio.Queue | _Relay] = field(default_factory=dict)
     accepting: bool = True  # False: draining (it answers what it holds, takes nothing new)
     stalled: bool = False  # it let a request time out and has sent nothing since: picked last
     reader: asyncio.Task | None = None
+
+
+class _Relay:
+    """A relayed request's reply callback and its peer_timeout timer."""
+
+    __slots__ = ("done", "timer")
+
+    def __init__(self, done: Callable[[Any, list[Any]], None], timer: asyncio.TimerHandle) -> None:
+        self.done, self.timer = done, timer
 
 
 class PeerStream:
@@ -163,9 +175,11 @@ class Engine:
         return [p for p in self.peers.values() if p.accepting and name in p.models]
 
     def _drop_peer(self, peer: Peer, exc: BaseException) -> None:
-        for fut in peer.waiting.values():
+        for request_id, fut in list(peer.waiting.items()):
             if isinstance(fut, asyncio.Queue):
                 fut.put_nowait(exc)
+            elif isinstance(fut, _Relay):
+                self._end_relay(peer, request_id, exc)
             elif not fut.done():
                 fut.set_exception(exc)
         if peer.reader:
@@ -277,7 +291,7 @@ class Engine:
         if batcher is None and (forwarded or not hosts):
             raise NotFound(f"unknown model {name!r}" + ("" if forwarded else f"; known: {', '.join(self.known_models())}"))
         size = request_size(inputs)
-        if self.local_batcher(name, size, forwarded) is not None:
+        if isinstance(self.route(name, size, forwarded), Batcher):
             return await batcher.submit(inputs, parameters)
         if batcher is None:
             return await self._on_peers(hosts, name, inputs, parameters)
@@ -297,11 +311,12 @@ class Engine:
             return await batcher.submit(inputs, parameters)
         return await self._scatter_gather(batcher, hosts, name, inputs, parameters, size, limit)
 
-    def local_batcher(self, name: str, size: int, forwarded: bool = False) -> Batcher | None:
-        """The batcher that runs this request here, decided without waiting; None when ``infer`` must
-        route it (no local model, a draining worker with peers, a split, a less loaded peer).
+    def route(self, name: str, size: int, forwarded: bool = False) -> Batcher | Peer | None:
+        """Where a request goes, decided without waiting: this worker's batcher, a less loaded peer
+        (balance), or None when ``infer`` must decide (no local model, a draining worker with
+        peers, a split over workers).
 
-        The ZeroMQ door calls this to serve the common case without a task per request.
+        The ZeroMQ door calls this to serve the common cases without a task per request.
         """
         batcher = self.batchers.get(name)
         if batcher is None or forwarded:
@@ -311,11 +326,47 @@ class Engine:
         hosts = self.hosts(name)
         if not hosts:
             return batcher
-        if self.draining or self._less_loaded_peer(batcher, hosts) is not None:
+        if self.draining:
             return None
-        return batcher
+        return self._less_loaded_peer(batcher, hosts, min_gain=0.0) or batcher  # a relay costs little
 
-    def _less_loaded_peer(self, batcher: Batcher, hosts: list[Peer]) -> Peer | None:
+    # -- relaying ----------------------------------------------------------------------------------
+    def relay(self, peer: Peer, name: str, header: dict[str, Any], payload: list[Any],
+              done: Callable[[Any, list[Any]], None]) -> bool:
+        """Hand a client's inference request to ``peer`` as it came: its tensor frames untouched, only
+        the header's id and ``fwd`` changed. ``done(reply_header, reply_frames)`` gets the peer's
+        reply as it comes (the caller answers the client with it), or ``done(exception, [])`` if
+        the peer leaves or lets ``peer_timeout`` pass (PeerUnavailable: serve it another way).
+
+        Balancing this way costs the relaying worker two sends and a receive per request, against
+        a decode, an encode and a task for ``_call_peer``. False: the peer cannot take it now.
+        """
+        self._connect(peer)
+        assert peer.plain is not None
+        request_id = next(self.ids)
+        try:
+            wire.send_frames(peer.plain, [wire.pack({**header, "id": request_id, "fwd": True}), *payload])
+        except zmq.ZMQError:  # not connected (IMMEDIATE) or its pipe is full
+            return False
+        timeout = self.timeout_for(name)
+        timer = asyncio.get_running_loop().call_later(timeout, self._relay_timeout, peer, request_id, timeout)
+        peer.waiting[request_id] = _Relay(done, timer)
+        peer.outstanding += 1
+        return True
+
+    def _relay_timeout(self, peer: Peer, request_id: int, timeout: float) -> None:
+        peer.stalled = True
+        self._end_relay(peer, request_id, PeerTimeout(f"peer {peer.key} did not answer within {timeout:g}s (peer_timeout)"))
+
+    def _end_relay(self, peer: Peer, request_id: int, reply: Any, frames: list[Any] | None = None) -> None:
+        relay = peer.waiting.pop(request_id, None)
+        if not isinstance(relay, _Relay):
+            return
+        peer.outstanding -= 1
+        relay.timer.cancel()
+        relay.done(reply, frames or [])
+
+    def _less_loaded_peer(self, batcher: Batcher, hosts: list[Peer], min_gain: float = FORWARD_GAIN) -> Peer | None:
         """A peer to hand this request to because our queue is much deeper than its, or None.
 
         Per-connection balancing (shared accept, keep-alive, one client holding one connection)
@@ -323,9 +374,10 @@ class Engine:
         requests on two idle workers finish sooner than a batch of two on one, so the margin is
         small: a peer with less than half our load takes the request. But forwarding costs each
         side about as much CPU as serving the request (decode, encode, two more messages), so it
-        must also save real time: at least ``FORWARD_GAIN`` of queueing, as estimated from the
+        must also save real time: at least ``min_gain`` of queueing, as estimated from the
         model's measured compute per item. A model that takes microseconds per item (where the
-        per-request cost is the limit) is never forwarded for balance.
+        per-request cost is the limit) is not forwarded that way; a relay (``relay``: frames
+        passed on untouched) costs little and passes 0.
         """
         mine = batcher.outstanding + 1  # this request included
         hosts = [p for p in hosts if not p.stalled]
@@ -336,7 +388,7 @@ class Engine:
         if theirs * 2 >= mine:
             return None
         item = batcher.item_seconds
-        return best if item is None or (mine - theirs) * item >= FORWARD_GAIN else None
+        return best if item is None or (mine - theirs) * item >= min_gain else None
 
     @staticmethod
     def _peer_load(peer: Peer, model: str) -> int:
@@ -392,6 +444,7 @@ class Engine:
             peer.socket.setsockopt(zmq.LINGER, 0)
             peer.socket.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for a peer that is not connected
             peer.socket.connect(peer.ipc)
+            peer.plain = zmq.Socket.shadow(peer.socket.underlying)
             peer.reader = asyncio.get_running_loop().create_task(self._read_peer(peer))
 
     async def _call_peer(self, peer: Peer, name: str, inputs, parameters) -> tuple[dict[str, Any], Timing]:
@@ -435,15 +488,22 @@ class Engine:
                 frames = await peer.socket.recv_multipart(copy=False)
                 try:
                     header = wire.unpack(frames[0].buffer)
-                    outputs = wire.decode_tensors(header.get("outputs", []), frames[1:]) if header.get("ok") else {}
-                except (wire.WireError, InputError) as exc:
+                except wire.WireError as exc:
                     log.error("bad reply from peer %s: %s", peer.key, exc)
                     continue
                 peer.stalled = False  # it answers again
-                fut = peer.waiting.get(header.get("id"))
-                if isinstance(fut, asyncio.Queue):  # a generation: every reply is a chunk
+                request_id = header.get("id")
+                fut = peer.waiting.get(request_id)
+                if isinstance(fut, _Relay):  # the client gets the reply as it is
+                    self._end_relay(peer, request_id, header, frames[1:])
+                elif isinstance(fut, asyncio.Queue):  # a generation: every reply is a chunk
                     fut.put_nowait(header)
                 elif fut is not None and not fut.done():
+                    try:
+                        outputs = wire.decode_tensors(header.get("outputs", []), frames[1:]) if header.get("ok") else {}
+                    except (wire.WireError, InputError) as exc:  # its peer_timeout will tell the caller
+                        log.error("bad reply from peer %s: %s", peer.key, exc)
+                        continue
                     fut.set_result((header, outputs))
         except (asyncio.CancelledError, zmq.ZMQError):
             return
