@@ -212,7 +212,7 @@ def test_zmq_generate_equals_transformers_and_cancel_frees_the_slot(server, refe
             chunks = list(z.generate(model, PROMPTS[2], max_tokens=NEW, temperature=0))
             assert [t for c in chunks for t in c["token_ids"]] == ids_want
             assert "".join(c["text"] for c in chunks) == text_want
-    assert ' peer "generate ' in server.access_log.read_text()
+    wait_for(lambda: ' peer "generate ' in server.access_log.read_text(), 10, what="the forwarded generation's log line")
 
     async def run_async():
         async with AsyncClient(server.zmq_address) as az:
@@ -241,8 +241,7 @@ def test_http_disconnect_cancels_the_generation(server):
             wait_for(lambda: metric(server, "modelsrv_generation_running", "gen") >= 1, 10, 0.02, "the generation to run")
         wait_for(lambda: metric(server, "modelsrv_generation_running", "gen") == 0, 10, what="the slot to be freed")
         assert metric(server, "modelsrv_kv_cache_usage_ratio", "gen") == 0
-    text = server.access_log.read_text()
-    assert '"POST /v1/completions"' in text
+    wait_for(lambda: '"POST /v1/completions"' in server.access_log.read_text(), 10, what="the access log line")
     for name in ("modelsrv_time_to_first_token_seconds_count", "modelsrv_prompt_tokens_total",
                  "modelsrv_generation_tokens_total"):
         assert metric(server, name, "gen") > 0, name

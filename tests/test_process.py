@@ -8,6 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.conftest import BIN, Load, alive, fixture_path, http, infer_json, metric, title, wait_for
@@ -100,12 +101,15 @@ def test_quit_finishes_every_inflight_request(make_server) -> None:
     import json
 
     s = make_server(models={"tiny": {"path": str(TINY), "max_batch_size": 1}}, workers=1).start()
-    body = json.dumps({"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 3, 448, 448],
-                                   "data": [0.1] * (3 * 448 * 448)}]}).encode()
+    # the binary extension: no JSON to parse, so all 8 are queued at once and run one by one after
+    header = json.dumps({"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 3, 448, 448],
+                                     "parameters": {"binary_data_size": 3 * 448 * 448 * 4}}]}).encode()
+    body = header + np.full((1, 3, 448, 448), 0.1, np.float32).tobytes()
     conns = []
     for _ in range(8):  # every request fully sent (accepted and in flight) before QUIT
         c = http.client.HTTPConnection("127.0.0.1", s.http_port, timeout=60)
-        c.request("POST", "/v2/models/tiny/infer", body, {"Content-Type": "application/json"})
+        c.request("POST", "/v2/models/tiny/infer", body, {"Content-Type": "application/octet-stream",
+                                                           "Inference-Header-Content-Length": str(len(header))})
         conns.append(c)
     # every request accepted by the worker (queued, running or answered) before QUIT
     wait_for(lambda: metric(s.url, "modelsrv_inflight_requests", model="tiny")
@@ -206,7 +210,8 @@ def test_usr1_reopens_logs_in_every_process(make_server) -> None:
              what="reopen in the master and every worker")
     for _ in range(6):
         assert infer_json(s.url, "tiny", SMALL_IMAGE)[0] == 200
-    assert s.access_log.exists() and "/v2/models/tiny/infer" in s.access_log.read_text()
+    wait_for(lambda: s.access_log.exists() and "/v2/models/tiny/infer" in s.access_log.read_text(), 10,
+             what="the reopened access log's lines")
     pids_in_log = {line.split("]")[1].split("#")[0].strip() for line in s.log_text().splitlines()}
     assert {str(p) for p in [s.master_pid(), *workers]} <= pids_in_log
 

@@ -240,6 +240,9 @@ class WorkerProcess:
             g.stop()
         self._close_groups()
         WORKERS_READY.dec()
+        from server import metrics
+
+        metrics.flush()  # what the last turn of the loop recorded
         self.zmq.close()
         from server.frontends.http import JsonParser
 

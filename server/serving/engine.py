@@ -54,7 +54,6 @@ class Peer:
     meta: dict[str, Any] = field(default_factory=dict)
     load: PeerLoad | None = None  # the peer's own count of outstanding requests per model
     socket: zmq.asyncio.Socket | None = None
-    plain: zmq.Socket | None = None  # the same socket, for sends that must not wait (relays)
     outstanding: int = 0
     # what each request id sent to this peer waits for its reply: a Future (infer), a Queue (a
     # generation stream, one reply per chunk) or a _Relay (a client's request relayed as it came)
@@ -342,11 +341,16 @@ class Engine:
         a decode, an encode and a task for ``_call_peer``. False: the peer cannot take it now.
         """
         self._connect(peer)
-        assert peer.plain is not None
+        assert peer.socket is not None
         request_id = next(self.ids)
-        try:
-            wire.send_frames(peer.plain, [wire.pack({**header, "id": request_id, "fwd": True}), *payload])
-        except zmq.ZMQError:  # not connected (IMMEDIATE) or its pipe is full
+        # through the asyncio socket, not a plain shadow of it: a send can consume the edge of its
+        # FD, and only zmq.asyncio's own send then wakes the reader waiting for the peer's replies
+        # (with a plain send, DenseNet relays stalled until some other event came)
+        sent = peer.socket.send_multipart([wire.pack({**header, "id": request_id, "fwd": True}), *payload],
+                                          flags=wire.NOBLOCK, copy=False)
+        if not sent.done() or sent.exception() is not None:  # not connected (IMMEDIATE) or its pipe is full
+            if not sent.done():
+                sent.cancel()
             return False
         timeout = self.timeout_for(name)
         timer = asyncio.get_running_loop().call_later(timeout, self._relay_timeout, peer, request_id, timeout)
@@ -444,7 +448,6 @@ class Engine:
             peer.socket.setsockopt(zmq.LINGER, 0)
             peer.socket.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for a peer that is not connected
             peer.socket.connect(peer.ipc)
-            peer.plain = zmq.Socket.shadow(peer.socket.underlying)
             peer.reader = asyncio.get_running_loop().create_task(self._read_peer(peer))
 
     async def _call_peer(self, peer: Peer, name: str, inputs, parameters) -> tuple[dict[str, Any], Timing]:
