@@ -372,14 +372,14 @@ class Master(TensorParallelGroups):
         keep = {key: self.listeners[key] for key in listener_keys(cfg)}
         gpu, cores = slot_gpu(cfg, slot), slot_cores(cfg, slot)
         if preload:
-            request = {"slot": slot, "generation": generation, "cfg": pickle.dumps(cfg), "listeners": list(keep),
-                       "gpu": gpu, "cores": cores, "tp": tp}
             fds = [child_end.fileno(), *(sock.fileno() for sock in keep.values())]
             if tp and tp.get("fd") is not None:
                 fds.append(tp["fd"])
             try:
+                request = {"slot": slot, "generation": generation, "cfg": pickle.dumps(cfg), "listeners": list(keep),
+                           "gpu": gpu, "cores": cores, "tp": tp}
                 return self.preloader.spawn(request, fds)
-            except PreloadError as exc:
+            except (PreloadError, pickle.PicklingError, TypeError) as exc:
                 log.error("preload process %d failed: %s: the master forks the workers until the next reload",
                           self.preloader.pid, exc)
                 self.preloader.stop()

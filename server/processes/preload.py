@@ -132,7 +132,7 @@ class Preloader:
                     log.warning("preload process could not import %s (each worker will try): %s", module, error)
             socket.send_fds(self.sock, [msgpack.packb(request)], fds)
             reply = self._recv(FORK_TIMEOUT)
-        except OSError as exc:  # a timeout, or the process is gone
+        except (OSError, TypeError, ValueError) as exc:  # a timeout, the process gone, a request msgpack cannot carry
             raise PreloadError(f"{type(exc).__name__}: {exc}") from None
         if "pid" not in reply:
             raise PreloadError(reply.get("error", f"unexpected reply {reply!r}"))
