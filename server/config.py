@@ -86,6 +86,8 @@ class Config:
     worker_timeout: float = 60.0  # heartbeat: a worker silent that long is killed and respawned
     peer_timeout: float = 10.0  # a forwarded / split request unanswered that long is retried elsewhere
     worker_load_timeout: float = 600.0  # the same bound while a worker is loading its models
+    worker_preload: bool = True  # fork workers from a process that has imported torch (shared pages)
+    worker_malloc_trim: int = 64 << 20  # an idle worker grown by this much since its last trim trims; 0: off
     pid: Path = Path("run/modelsrv.pid")
     error_log: Path = Path("logs/error.log")
     error_log_level: str = "info"
@@ -310,6 +312,10 @@ def _apply_main(cfg: Config, d: _Directive) -> None:
         cfg.peer_timeout = d.positive_time()
     elif d.name == "worker_load_timeout":
         cfg.worker_load_timeout = d.positive_time()
+    elif d.name == "worker_preload":
+        cfg.worker_preload = d.flag()
+    elif d.name == "worker_malloc_trim":
+        cfg.worker_malloc_trim = 0 if d.args == ["off"] else d.positive_size()
     elif d.name == "pid":
         cfg.pid = Path(d.one())
     elif d.name == "error_log":

@@ -4,7 +4,11 @@ Signal handlers only set flags; ``Master.cycle`` waits on a wake-up fd and the w
 channels, then acts on the flags in nginx's order: reap, terminate, quit, reconfigure,
 restart, reopen, change_binary, noaccept. The process table (``self.workers``) is the master's
 whole state. The master never imports torch and never touches CUDA: a process forked after
-either misbehaves, and every worker is forked from here.
+CUDA initialisation misbehaves. Workers are forked by the preload process (server/processes/
+preload.py), a child of the master that has imported torch once so that every worker shares those
+pages; they are reparented to the master (a child subreaper), which reaps and respawns them as its
+own children. With ``worker_preload off`` (or when the preload process fails) the master forks
+them itself.
 
 Reload differs from nginx in one way that matters for models: loading weights takes seconds,
 so new workers are started first, and the old ones are sent QUIT only once every new one has
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import os
+import pickle
 import selectors
 import signal
 import socket
@@ -29,6 +34,7 @@ from server.logs import EMERG, Logs, log
 from server.processes import listeners, pidfile, sdnotify
 from server.processes.channel import EXIT_FATAL, HEARTBEAT_EVERY, Channel
 from server.processes.daemon import daemonize
+from server.processes.preload import Preloader, PreloadError, set_child_subreaper
 from server.processes.tpgroups import TensorParallelGroups
 
 
@@ -78,6 +84,8 @@ class Master(TensorParallelGroups):
         self.logs: Logs | None = None
         self.selector = selectors.DefaultSelector()
         self.sd = sdnotify.ServiceNotifier()  # systemd readiness (NOTIFY_SOCKET); a no-op without it
+        self.preloader = Preloader()  # started at the first spawn that wants it (worker_preload on)
+        self.subreaper = False  # PR_SET_CHILD_SUBREAPER: the preload process's workers are reparented to us
         self._tp_setup()
 
     # -- start -----------------------------------------------------------------------------------
@@ -93,6 +101,9 @@ class Master(TensorParallelGroups):
             daemonize()
             self.logs = Logs(cfg.error_log, cfg.error_log_level, "-", stderr=False)  # stderr is gone: the file only
         self._set_title()
+        self.subreaper = set_child_subreaper()
+        if cfg.worker_preload and not self.subreaper:
+            log.warning("worker_preload: this system cannot make the master a child subreaper: the master forks the workers")
         try:
             listeners.open_listeners(cfg, self.listeners)
         except OSError as exc:
@@ -127,7 +138,9 @@ class Master(TensorParallelGroups):
                 pid, _ = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 break
-            if pid:
+            if pid == self.preloader.pid:
+                self.preloader.exited()
+            elif pid:
                 self.workers.pop(pid, None)
             else:
                 time.sleep(0.05)
@@ -331,40 +344,16 @@ class Master(TensorParallelGroups):
             log.error("worker #%d: no rendezvous socket for its tensor-parallel group: %s", slot, exc)
             self.respawn_at[(slot, generation)] = time.monotonic() + 1.0
             return None
+        preload = self._preload_ready(cfg)  # first: a preload process started now must not inherit the channel
         parent_end, child_end = Channel.pair()
         try:
-            pid = os.fork()
+            pid = self._fork_worker(slot, generation, cfg, parent_end, child_end, tp, preload)
         except OSError as exc:
             log.error("fork() failed for worker #%d: %s", slot, exc)
             parent_end.close()
             child_end.close()
             self.respawn_at[(slot, generation)] = time.monotonic() + 1.0
             return None
-        if pid == 0:  # the worker; it never returns
-            parent_end.close()
-            code = 1
-            try:
-                for w in self.workers.values():
-                    w.channel.close()
-                self.selector.close()
-                signal.set_wakeup_fd(-1)
-                os.close(self._wakeup_r)
-                os.close(self._wakeup_w)
-                from server.processes.worker import worker_main
-
-                listeners = {key: self.listeners[key] for key in listener_keys(cfg)}
-                for key, sock in self.listeners.items():  # another generation's: not ours to keep open
-                    if key not in listeners:
-                        sock.close()
-                self._tp_child_fds(tp)
-                code = worker_main(cfg, slot, generation, child_end, listeners, slot_gpu(cfg, slot), slot_cores(cfg, slot),
-                                   tp)
-            except BaseException:  # noqa: B036 - the child must never return into the master's loop
-                import traceback
-
-                traceback.print_exc()
-            finally:
-                os._exit(code)
         child_end.close()
         now = time.monotonic()
         w = Worker(slot=slot, generation=generation, pid=pid, channel=parent_end, started=now, last_heartbeat=now,
@@ -374,6 +363,70 @@ class Master(TensorParallelGroups):
         gpu = slot_gpu(cfg, slot)
         log.info("start worker process %d #%d (%s)", pid, slot, f"cuda:{gpu}" if gpu is not None else "cpu")
         return w
+
+    def _fork_worker(self, slot: int, generation: int, cfg: Config, parent_end: Channel, child_end: Channel,
+                     tp: dict | None, preload: bool) -> int:
+        """Start worker ``slot``; its pid. Forked by the preload process (the worker shares its pages of
+        torch), else here. Either way it is the master's child, holding ``child_end``, the listening
+        sockets its configuration names and its tensor-parallel rendezvous socket (rank 0)."""
+        keep = {key: self.listeners[key] for key in listener_keys(cfg)}
+        gpu, cores = slot_gpu(cfg, slot), slot_cores(cfg, slot)
+        if preload:
+            fds = [child_end.fileno(), *(sock.fileno() for sock in keep.values())]
+            if tp and tp.get("fd") is not None:
+                fds.append(tp["fd"])
+            try:
+                request = {"slot": slot, "generation": generation, "cfg": pickle.dumps(cfg), "listeners": list(keep),
+                           "gpu": gpu, "cores": cores, "tp": tp}
+                return self.preloader.spawn(request, fds)
+            except (PreloadError, pickle.PicklingError, TypeError) as exc:
+                log.error("preload process %d failed: %s: the master forks the workers until the next reload",
+                          self.preloader.pid, exc)
+                self.preloader.stop()
+                self.preloader.failed = True
+        pid = os.fork()
+        if pid == 0:  # the worker; it never returns
+            code = 1
+            try:
+                parent_end.close()
+                self._close_inherited(keep, tp)
+                from server.processes.worker import worker_main
+
+                code = worker_main(cfg, slot, generation, child_end, keep, gpu, cores, tp)
+            except BaseException:  # noqa: B036 - the child must never return into the master's loop
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        return pid
+
+    def _preload_ready(self, cfg: Config) -> bool:
+        """Whether workers of ``cfg`` are forked by the preload process (started here if it is not running)."""
+        if not cfg.worker_preload or not self.subreaper or self.preloader.failed:
+            return False
+        if not self.preloader.pid:
+            try:
+                self.preloader.start(self._close_inherited)
+            except OSError as exc:
+                log.error("fork() failed for the preload process: %s: the master forks the workers", exc)
+                self.preloader.failed = True
+                return False
+        return True
+
+    def _close_inherited(self, keep: dict[str, socket.socket] | None = None, tp: dict | None = None) -> None:
+        """In a child just forked (a worker, the preload process): close what is the master's."""
+        for w in self.workers.values():
+            w.channel.close()
+        self.selector.close()
+        signal.set_wakeup_fd(-1)
+        os.close(self._wakeup_r)
+        os.close(self._wakeup_w)
+        for key, sock in self.listeners.items():  # another generation's, or all of them: not ours to keep open
+            if keep is None or key not in keep:
+                sock.close()
+        self._tp_child_fds(tp)
+        self.preloader.close_in_child()
 
     def _reap_children(self) -> None:
         while True:
@@ -385,8 +438,13 @@ class Master(TensorParallelGroups):
                 return
             if pid == self.new_binary_pid:
                 self._new_binary_exited(status)
+            elif pid == self.preloader.pid:
+                self.preloader.exited()
+                stopping = self.terminate or self.quit
+                (log.info if stopping else log.warning)("preload process %d %s%s", pid, self._describe_status(status),
+                                                         "" if stopping else ": a new one starts with the next worker")
             else:
-                self._worker_exited(pid, status)
+                self._worker_exited(pid, status)  # an orphan we adopted as subreaper is not in the table: ignored
 
     def _worker_exited(self, pid: int, status: int) -> None:
         """A child reaped with ``status`` (as waitpid gives it): clean up after it, decide whether it comes back."""
@@ -507,6 +565,7 @@ class Master(TensorParallelGroups):
         except ConfigError as exc:
             log.log(EMERG, "%s: reload refused, keeping the running configuration", exc)
             return
+        self.preloader.failed = False  # a reload tries the preload process again
         try:
             listeners.open_listeners(cfg, self.listeners)
         except OSError as exc:
@@ -535,6 +594,8 @@ class Master(TensorParallelGroups):
         self.pending_generation = self.pending_cfg = None
         self._quit_workers(old)
         self._close_unused_listeners()
+        if not self.cfg.worker_preload:  # reloaded with worker_preload off: nothing will be forked from it
+            self.preloader.stop()
 
     def _abort_pending_generation(self) -> None:
         gen = self.pending_generation
@@ -650,6 +711,7 @@ class Master(TensorParallelGroups):
     def _cleanup(self) -> None:
         import shutil
 
+        self.preloader.stop()
         if getattr(self, "metrics_dir", None):
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
         self._tp_close_all()

@@ -1,8 +1,9 @@
 """A worker process: nginx's ``ngx_worker_process_cycle`` around a uvloop event loop.
 
-Forked by the master (which never imported torch), it pins itself first — GPU list in the
-environment before torch is imported, CPU affinity, torch threads = its cores — then loads
-and warms up its models, reports ready over the channel, and serves HTTP and ZeroMQ until told
+Forked by the preload process (torch imported, never used: no CUDA context, no thread pool yet)
+or by the master (no torch at all), it pins itself first — GPU list in the environment before
+CUDA initialises (lazily, at the first CUDA call), CPU affinity, torch threads = its cores — then
+loads and warms up its models, reports ready over the channel, and serves HTTP and ZeroMQ until told
 to quit (graceful: stop accepting, answer what it holds, exit within worker_shutdown_timeout)
 or terminate (fast). The flags ``terminate quit exiting reopen`` are set by channel commands or,
 as a fallback, by signals, and acted on by one task.
@@ -50,7 +51,8 @@ def worker_main(cfg: Config, slot: int, generation: int, channel: Channel, liste
         signal.signal(signum, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C reaches the master, which tells us
 
-    # Pinning, before torch is imported: the GPU list and the thread pools read the environment.
+    # Pinning, before CUDA or a thread pool starts (torch may be imported already: the preload process's):
+    # CUDA reads the GPU list at its first call; the pools get their size from torch.set_num_threads below.
     os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu) if gpu is not None else ""
     if cores:
         os.sched_setaffinity(0, cores)
@@ -234,8 +236,10 @@ class WorkerProcess:
         self.channel.send({"event": "ready", "ipc": self.ipc, "load": str(self.board.path), "models": sorted(models), "meta": meta})
         log.info("worker #%d ready on %s, cores %s", self.slot, self.device, self.cores or "all")
         heartbeat = loop.create_task(self._heartbeat())
+        trimming = loop.create_task(self._release_memory())
         code = await self._cycle()
         heartbeat.cancel()
+        trimming.cancel()
         for g in generators.values():
             g.stop()
         self._close_groups()
@@ -369,6 +373,25 @@ class WorkerProcess:
             self._flag(cmd)
         elif cmd == "peers":
             self.engine.set_peers(msg.get("peers", []))
+
+    async def _release_memory(self) -> None:
+        """Give freed batch memory back to the system when idle (server/processes/memory.py)."""
+        from server.processes.memory import CHECK_EVERY, MallocTrim
+
+        trimmer = MallocTrim(self.cfg.worker_malloc_trim)
+        if not trimmer.enabled:
+            return
+        self._log_trim("after warm-up", trimmer.trim())
+        while True:
+            await asyncio.sleep(CHECK_EVERY)
+            done = trimmer.check(self.engine.outstanding == 0)
+            if done:
+                self._log_trim("idle", done)
+
+    @staticmethod
+    def _log_trim(why: str, done: tuple[int, int, float]) -> None:
+        before, after, took = done
+        log.debug("malloc_trim (%s): resident %.0f -> %.0f MiB in %.1f ms", why, before / 2**20, after / 2**20, took * 1e3)
 
     async def _heartbeat(self) -> None:
         """Proof of a live event loop: a wedged loop sends nothing and the master kills it."""

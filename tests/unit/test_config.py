@@ -67,6 +67,8 @@ worker_shutdown_timeout 500ms;
 worker_timeout 2m;
 worker_load_timeout 1h;
 peer_timeout 3s;
+worker_preload off;
+worker_malloc_trim 8m;
 pid run/x.pid;
 error_log logs/e.log warn;
 daemon off;
@@ -100,6 +102,7 @@ model m {
     assert cfg.pid == tmp_path / "run" / "x.pid" and cfg.run_dir == tmp_path / "run"
     assert cfg.error_log == tmp_path / "logs" / "e.log" and cfg.error_log_level == "warn"
     assert cfg.daemon is False
+    assert cfg.worker_preload is False and cfg.worker_malloc_trim == 8 << 20
     assert cfg.http_listen == [Listen("127.0.0.1", 8081), Listen("0.0.0.0", 8082), Listen("::1", 8083)]
     assert cfg.access_log == tmp_path / "logs" / "a.log"
     assert cfg.client_max_body_size == 64 << 10 and cfg.client_body_timeout == 1.5 and cfg.keepalive_timeout == 0
@@ -119,6 +122,8 @@ def test_defaults_and_the_prefix(tmp_path: Path) -> None:
     cfg = load(tmp_path, LISTEN + "model m {\n    path /abs/m;\n}\n")
     assert cfg.worker_processes == 1 and cfg.worker_cpu_affinity == "auto" and cfg.daemon is False
     assert cfg.worker_timeout == 60 and cfg.worker_load_timeout == 600 and cfg.worker_shutdown_timeout == 30
+    assert cfg.worker_preload is True and cfg.worker_malloc_trim == 64 << 20
+    assert load(tmp_path, LISTEN + "worker_malloc_trim off;\n").worker_malloc_trim == 0
     assert cfg.pid == tmp_path / "run" / "modelsrv.pid" and cfg.error_log == tmp_path / "logs" / "error.log"
     assert cfg.access_log is None and cfg.client_max_body_size == 64 << 20
     m = cfg.models["m"]
@@ -228,6 +233,9 @@ ERRORS = [
     ("worker_processes 0;", 'invalid value "0" in "worker_processes"', 3),
     ("worker_processes 2;\nworker_processes 2;", '"worker_processes" directive is duplicate', 4),
     ("daemon maybe;", 'it must be "on" or "off"', 3),
+    ("worker_preload yes;", 'it must be "on" or "off"', 3),
+    ("worker_malloc_trim 0;", '"worker_malloc_trim" must be greater than 0', 3),
+    ("worker_malloc_trim lots;", 'invalid size "lots"', 3),
     ("error_log logs/e.log loud;", 'invalid log level "loud"', 3),
     ("worker_cpu_affinity 01 2;", 'invalid mask "2"', 3),
     ("http {\n    listen 127.0.0.1:99999;\n}", "invalid port", 4),
