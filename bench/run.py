@@ -79,6 +79,7 @@ class Bench:
         self.out.mkdir(parents=True, exist_ok=True)
         self.cleanup: list[Any] = []
         self.loadgen: JsonProc | None = None
+        self.peaks: dict[int, float] = {}  # id(server) -> PSS right after its heaviest load point, MiB
         self.models: dict[str, dict] = {}
         wanted = [p.strip() for p in args.peers.split(",") if p.strip() and p.strip() != "none"]
         self.peers = [p for p in PEERS if p in wanted and PEERS[p][1].available()]
@@ -140,6 +141,8 @@ class Bench:
             res = lg.call({"op": "run", **cmd}, timeout=cmd["warmup"] + cmd["duration"] + 120)
             wall = time.perf_counter() - t
             use = {p: (cpu_seconds([p]) - b) / wall for p, b in before.items()}
+            # memory right at the end of the load (the largest batch's activations still held): the peak
+            self.peaks[id(server)] = max(self.peaks.get(id(server), 0.0), server.pss())
             if pids:
                 res["server_cpu"] = sum(use[p] for p in pids)
             if workers:
@@ -230,11 +233,13 @@ class Bench:
                 srv.stop()
         return out
 
-    @staticmethod
-    def peer_memory(peers: dict[str, tuple[Any, str]]) -> dict[str, float]:
+    def peer_memory(self, peers: dict[str, tuple[Any, str]]) -> dict[str, float]:
         what = {"LitServe": "all processes", "FastAPI": "uvicorn supervisor + 2 workers",
                 "TorchServe": "launcher + JVM frontend + 2 workers"}
-        return {f"{label} ({what.get(label, 'all processes')})": srv.pss() for label, (srv, _) in peers.items()}
+        out = {f"{label} ({what.get(label, 'all processes')})": srv.pss() for label, (srv, _) in peers.items()}
+        out.update({f"{label}, peak (at the end of a load point)": self.peaks.get(id(srv), 0.0)
+                    for label, (srv, _) in peers.items()})
+        return out
 
     # -- sections ---------------------------------------------------------------------------------
     def densenet(self) -> dict[str, Any]:
@@ -294,8 +299,11 @@ class Bench:
                                                                                     by[f"{label} HTTP c={c}"])
                 targets[f"modelsrv mbs32 {proto} / {label} c=32"] = self.paired_ratio(by[f"modelsrv mbs32 {proto} c=32"],
                                                                                       by[f"{label} HTTP c=32"])
+        time.sleep(2.0)  # idle: a modelsrv worker gives its allocator's free memory back (worker_malloc_trim)
         memory = {"modelsrv mbs8 (master + 2 workers)": ms.pss(), "modelsrv mbs32 (master + 2 workers)": ms32.pss(),
-                  **self.peer_memory(peers)}
+                  **self.peer_memory(peers),
+                  "modelsrv mbs8, peak (at the end of a load point)": self.peaks.get(id(ms), 0.0),
+                  "modelsrv mbs32, peak (at the end of a load point)": self.peaks.get(id(ms32), 0.0)}
         for s in (ms, ms32, *(srv for srv, _ in peers.values())):
             s.stop()
         return self.save("densenet", points, {"sweep_2x1": {str(k): v for k, v in sweep.items()}, "best_batch": best,
@@ -345,11 +353,17 @@ class Bench:
             for c in (1, 32):
                 targets[f"modelsrv HTTP / {label} c={c}"] = self.paired_ratio(by[f"modelsrv 2 workers HTTP c={c}"],
                                                                              by[f"{label} HTTP c={c}"], "rps")
+        time.sleep(2.0)  # idle: a modelsrv worker gives its allocator's free memory back (worker_malloc_trim)
         memory = {"modelsrv 2 workers (master + 2 workers)": ms2.pss(), "modelsrv 1 worker (master + 1 worker)": ms1.pss(),
-                  "echo loop": echo.pss(), **self.peer_memory(peers)}
+                  "echo loop": echo.pss(), **self.peer_memory(peers),
+                  "modelsrv 2 workers, peak (at the end of a load point)": self.peaks.get(id(ms2), 0.0)}
         if "FastAPI" in peers:  # the memory target: modelsrv <= 0.75 of the FastAPI peer on this model
             fa = [v for k, v in memory.items() if k.startswith("FastAPI")][0]
             targets["PSS modelsrv 2 workers / FastAPI"] = memory["modelsrv 2 workers (master + 2 workers)"] / fa
+            fa_peak = memory.get("FastAPI, peak (at the end of a load point)")
+            if fa_peak:
+                targets["PSS peak modelsrv 2 workers / FastAPI"] = (
+                    memory["modelsrv 2 workers, peak (at the end of a load point)"] / fa_peak)
         for s in (echo, ms2, ms1, *(srv for srv, _ in peers.values())):
             s.stop()
         return self.save("tiny", points, {"targets": targets, "pss_mib": memory,
