@@ -263,6 +263,9 @@ class Bench:
         ms = self.server(ModelsrvServer(self.work / "ms-densenet", {"densenet121": conf}, workers=2))
         ms32 = self.server(ModelsrvServer(self.work / "ms-densenet-32", {"densenet121": {**conf, "max_batch_size": 32}},
                                           workers=2))
+        # batching off (max_batch_size 1): what batching costs a lone request at c=1
+        ms1 = self.server(ModelsrvServer(self.work / "ms-densenet-1", {"densenet121": {**conf, "max_batch_size": 1}},
+                                         workers=2))
         peers = self.start_peers("densenet", "densenet121", m["folder"], conf["max_batch_size"])
         points = [self.raw_point("raw torch 2 proc x 1 thread", raw21, best, raw_dur, procs=2, threads=1),
                   self.raw_point("raw torch 1 proc x 2 threads", raw12, best, raw_dur, procs=1, threads=2)]
@@ -274,6 +277,9 @@ class Bench:
             zmq = {**base, "kind": "zmq", "connections": 8}
             points.append(self.load_point(f"modelsrv HTTP c={c}", ms, {**http, "port": ms.http_port}, "modelsrv-http"))
             points.append(self.load_point(f"modelsrv ZMQ c={c}", ms, {**zmq, "address": ms.zmq_address}, "modelsrv-zmq"))
+            if c == 1:
+                points.append(self.load_point("modelsrv batching off (mbs1) HTTP c=1", ms1, {**http, "port": ms1.http_port},
+                                              "modelsrv-mbs1-http"))
             for label, (srv, path) in peers.items():
                 points.append(self.load_point(f"{label} HTTP c={c}", srv, {**base, "kind": "http", "port": srv.port,
                                                                             "format": "json", "path": path},
@@ -292,6 +298,8 @@ class Bench:
             for variant in ("", "mbs32 "):
                 targets[f"modelsrv {variant}{proto} c=32 / raw 2x1 limit"] = self.paired_ratio(
                     by[f"modelsrv {variant}{proto} c=32"], limit)
+        targets["modelsrv HTTP c=1, batching on (mbs8) / off (mbs1)"] = self.paired_ratio(
+            by["modelsrv HTTP c=1"], by["modelsrv batching off (mbs1) HTTP c=1"])
         for label in peers:
             for proto in ("HTTP", "ZMQ"):
                 for c in (1, 8, 32):

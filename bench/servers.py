@@ -41,8 +41,10 @@ class _Process:
 class ModelsrvServer(_Process):
     """bin/modelsrv with ``workers`` workers (worker_cpu_affinity auto: one core each on 2 cores)."""
 
-    def __init__(self, prefix: Path, models: dict[str, dict], workers: int = 2, access_log: bool = True) -> None:
+    def __init__(self, prefix: Path, models: dict[str, dict], workers: int = 2, access_log: bool = True,
+                 repo: Path = REPO) -> None:
         self.prefix = prefix
+        self.repo = Path(repo)  # whose bin/modelsrv: another checkout for a before/after comparison (bench/ab.py)
         prefix.mkdir(parents=True, exist_ok=True)
         (prefix / "conf").mkdir(exist_ok=True)
         self.http_port, self.zmq_port = free_port(), free_port()
@@ -71,7 +73,7 @@ class ModelsrvServer(_Process):
     def start(self, timeout: float = 180.0) -> ModelsrvServer:
         out = self.prefix / "stdout.log"
         with open(out, "ab") as f:
-            self.proc = subprocess.Popen([str(REPO / "bin" / "modelsrv"), "-c", str(self.conf)], stdout=f,
+            self.proc = subprocess.Popen([str(self.repo / "bin" / "modelsrv"), "-c", str(self.conf)], stdout=f,
                                          stderr=subprocess.STDOUT, cwd=str(self.prefix))
         pid_file = self.prefix / "run" / "modelsrv.pid"
 
