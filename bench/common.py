@@ -67,6 +67,15 @@ def descendants(pid: int) -> list[int]:
     return seen
 
 
+def signal_tree(pids: Sequence[int], sig: int) -> None:
+    """Send ``sig`` to each of ``pids`` (those gone already are skipped)."""
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
 def alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]

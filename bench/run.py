@@ -30,6 +30,7 @@ import datetime as dt
 import json
 import math
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -39,7 +40,18 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import BENCH, PY, REPO, JsonProc, cpu_seconds, env_with_repo, loadavg, machine_description, median  # noqa: E402
+from bench.common import (  # noqa: E402
+    BENCH,
+    PY,
+    REPO,
+    JsonProc,
+    cpu_seconds,
+    env_with_repo,
+    loadavg,
+    machine_description,
+    median,
+    signal_tree,
+)
 from bench.servers import EchoServer, FastAPIServer, LitServeServer, ModelsrvServer, TorchServeServer  # noqa: E402
 
 SECTIONS = ("densenet", "tiny", "models")
@@ -52,8 +64,9 @@ CLIENT_BOUND = 0.8  # client CPU (cores) from which a point is marked client-bou
 class Point:
     """One configuration measured once per round."""
 
-    def __init__(self, name: str, measure, group: str = "", **info: Any) -> None:
+    def __init__(self, name: str, measure, group: str = "", server: Any = None, **info: Any) -> None:
         self.name, self.measure, self.group, self.info = name, measure, group, info
+        self.server = server  # the server under load (None: raw torch, no server)
         self.rounds: list[dict[str, Any]] = []
 
     def summary(self) -> dict[str, Any]:
@@ -78,6 +91,10 @@ class Bench:
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.cleanup: list[Any] = []
+        # peers are frozen (SIGSTOP) while anything else is measured: their idle processes (a JVM,
+        # polling loops) otherwise take core time from whatever runs beside them (docs: "Idle peers")
+        self.freezable: list[Any] = []
+        self.frozen: set[int] = set()
         self.loadgen: JsonProc | None = None
         self.peaks: dict[int, float] = {}  # id(server) -> PSS right after its heaviest load point, MiB
         self.models: dict[str, dict] = {}
@@ -152,13 +169,37 @@ class Bench:
                 self.log(f"  {name}: {res['errors']} errors, e.g. {res.get('error_samples')}")
             return res
 
-        return Point(name, measure, group=group, concurrency=cmd["concurrency"], kind=cmd["kind"], **info)
+        return Point(name, measure, group=group, server=server, concurrency=cmd["concurrency"], kind=cmd["kind"], **info)
+
+    def alone(self, server: Any) -> None:
+        """Freeze every peer but ``server`` (modelsrv and the echo loop idle at ~0 CPU and stay up)."""
+        for srv in self.freezable:
+            frozen = id(srv) in self.frozen
+            if srv is server and frozen:
+                signal_tree(srv.pids(), signal.SIGCONT)
+                self.frozen.discard(id(srv))
+            elif srv is not server and not frozen:
+                signal_tree(srv.pids(), signal.SIGSTOP)
+                self.frozen.add(id(srv))
+
+    def thaw(self) -> None:
+        self.alone(None)
+        for srv in self.freezable:
+            signal_tree(srv.pids(), signal.SIGCONT)
+        self.frozen.clear()
 
     def run_rounds(self, points: list[Point]) -> None:
+        try:
+            self._run_rounds(points)
+        finally:
+            self.thaw()
+
+    def _run_rounds(self, points: list[Point]) -> None:
         for r in range(self.rounds):
             order = points[r % len(points):] + points[: r % len(points)]  # rotate: no point always first
             for p in order:
                 try:
+                    self.alone(p.server)
                     res = p.measure()
                 except Exception as exc:  # one failed point must not lose the others
                     res = {"error": str(exc)[-2000:]}
@@ -197,6 +238,7 @@ class Bench:
                 "quick": self.quick, "command": " ".join(["bench/run.py", *sys.argv[1:]])}
 
     def close(self) -> None:
+        self.thaw()  # a stopped process does not act on SIGTERM
         for thing in reversed(self.cleanup):
             try:
                 if hasattr(thing, "close"):
@@ -226,6 +268,7 @@ class Bench:
             try:
                 t = time.monotonic()
                 out[label] = (self.server(srv), path)
+                self.freezable.append(srv)
                 self.log(f"  {label} ready in {time.monotonic() - t:.0f} s")
             except Exception as exc:  # the other servers' points still run
                 self.peer_errors[f"{section}: {label}"] = str(exc)[-2000:]
