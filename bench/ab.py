@@ -27,7 +27,7 @@ from bench.servers import ModelsrvServer  # noqa: E402
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("checkouts", nargs="+", type=Path)
+    ap.add_argument("checkouts", nargs="+", type=lambda p: Path(p).resolve())
     ap.add_argument("--kind", default="zmq-raw", choices=("zmq-raw", "zmq", "http"))
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--seconds", type=float, default=4.0)

@@ -167,7 +167,7 @@ class WorkerProcess:
 
         from server.frontends.http import HttpServer
         from server.frontends.zeromq import ZmqServer
-        from server.serving.batcher import Batcher, Device
+        from server.serving.batcher import INLINE_BELOW, Batcher, Device
         from server.serving.engine import Engine
 
         loop = asyncio.get_running_loop()
@@ -180,7 +180,10 @@ class WorkerProcess:
             if f.done.is_set():
                 self.wake.set()
 
-        device = Device()
+        import torch
+
+        # tiny batches on the loop where that is cheaper: a CPU worker with one torch thread (Device)
+        device = Device(inline_below=INLINE_BELOW if self.device == "cpu" and torch.get_num_threads() == 1 else 0.0)
         models = {name: model for name, (_, model, _) in self.loaded.items()}
         self.board = LoadBoard(self.cfg.run_dir / f"worker-{os.getpid()}.load", sorted(models))
         me = f"{self.generation}:{self.slot}"
