@@ -174,9 +174,7 @@ class ZmqServer:
         if timing is None:
             code, reply = self._error_reply(result, request_id, extra)
         else:
-            t = {"queue_ms": timing.queue_ms, "compute_ms": timing.compute_ms, "batch_size": timing.batch_size,
-                 "worker": timing.worker}
-            code, reply = 200, wire.reply_ok(request_id, result, timing=t, **extra)
+            code, reply = 200, wire.reply_ok(request_id, result, timing=timing.to_wire(), **extra)
         self._log(protocol, model, code, frames, reply, started, timing)
         self._send(router, [frames[0], *reply], protocol)
 
@@ -196,8 +194,7 @@ class ZmqServer:
             if closing:
                 reply["closing"] = True
             code = 200 if reply.get("ok") else int(reply.get("code", 500))
-            t = reply.get("timing") or {}
-            timing = Timing(t.get("queue_ms", 0.0), t.get("compute_ms", 0.0), t.get("batch_size", 0), t.get("worker", ""))
+            timing = Timing.from_wire(reply.get("timing"))
             out = [wire.pack(reply), *reply_frames]
         self._log(protocol, model, code, frames, out, started, timing)
         self._send(router, [frames[0], *out], protocol)
@@ -269,9 +266,7 @@ class ZmqServer:
                     raise wire.WireError("'parameters' must be a map")
                 forwarded = protocol == "peer" and bool(header.get("fwd"))  # clients cannot skip routing
                 outputs, timing = await self.engine.infer(model, inputs, params, forwarded=forwarded)
-                t = {"queue_ms": timing.queue_ms, "compute_ms": timing.compute_ms, "batch_size": timing.batch_size,
-                     "worker": timing.worker}
-                reply = wire.reply_ok(request_id, outputs, timing=t, **extra)
+                reply = wire.reply_ok(request_id, outputs, timing=timing.to_wire(), **extra)
                 self._log(protocol, model, 200, frames, reply, started, timing)
             else:
                 reply = wire.reply_ok(request_id, **self._control(op, header), **extra)

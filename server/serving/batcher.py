@@ -36,6 +36,17 @@ class Timing:
     batch_size: int = 0
     worker: str = ""  # "generation:slot" of the worker that ran it (ZMQ replies carry it, for operators)
 
+    def to_wire(self) -> dict[str, Any]:
+        """The ``timing`` map of a ZeroMQ reply (docs/PROTOCOL.md)."""
+        return {"queue_ms": self.queue_ms, "compute_ms": self.compute_ms, "batch_size": self.batch_size,
+                "worker": self.worker}
+
+    @classmethod
+    def from_wire(cls, t: Any) -> Timing:
+        """The inverse of ``to_wire``, tolerant of a peer that sent none."""
+        t = t if isinstance(t, dict) else {}
+        return cls(t.get("queue_ms", 0.0), t.get("compute_ms", 0.0), t.get("batch_size", 0), t.get("worker", ""))
+
 
 Done = Callable[[Any, "Timing | None"], None]
 

@@ -479,8 +479,7 @@ class Engine:
                 if code == 404:
                     raise PeerUnavailable(message)  # placement changed under us: try elsewhere
                 raise RemoteError(code, message)
-            t = header.get("timing", {})
-            return outputs, Timing(t.get("queue_ms", 0.0), t.get("compute_ms", 0.0), t.get("batch_size", 0), t.get("worker", ""))
+            return outputs, Timing.from_wire(header.get("timing"))
         finally:
             peer.waiting.pop(request_id, None)
             peer.outstanding -= 1
