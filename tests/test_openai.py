@@ -273,6 +273,7 @@ def test_quit_lets_running_generations_finish(server):
     s = server
     results: dict[str, object] = {}
     started = threading.Event()
+    zmq_started = {"gen": threading.Event(), "tinypool": threading.Event()}
     last_chunk: list[float] = []
 
     def http_stream():
@@ -293,7 +294,10 @@ def test_quit_lets_running_generations_finish(server):
 
     def zmq_streams():
         async def one(az, model, n):
-            chunks = [c async for c in az.generate(model, "Once", max_tokens=n, ignore_eos=True, temperature=0)]
+            chunks = []
+            async for c in az.generate(model, "Once", max_tokens=n, ignore_eos=True, temperature=0):
+                chunks.append(c)
+                zmq_started[model].set()
             last_chunk.append(time.monotonic())
             return chunks[-1]["completion_tokens"], chunks[-1]["finish_reason"]
 
@@ -306,11 +310,13 @@ def test_quit_lets_running_generations_finish(server):
         except Exception as exc:
             results["zmq"] = exc
 
+    # The short "tinypool" stream starts last and QUIT follows its first chunk, so it is in flight
+    # then (a scrape of /metrics was too slow to catch it on a loaded machine).
     threads = [threading.Thread(target=http_stream), threading.Thread(target=zmq_streams)]
-    for t in threads:
-        t.start()
+    threads[0].start()
     assert started.wait(20)
-    wait_for(lambda: metric(s, "modelsrv_generation_running", "tinypool") >= 1, 10, 0.01, "the ZeroMQ generations")
+    threads[1].start()
+    assert zmq_started["gen"].wait(20) and zmq_started["tinypool"].wait(20), results
     quit_at = time.monotonic()
     s.signal(signal.SIGQUIT)
     for t in threads:
