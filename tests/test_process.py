@@ -88,6 +88,11 @@ def test_start_ready_titles_pinning_and_terminate(make_server) -> None:
     if len(cores) >= 2:  # worker_cpu_affinity auto: disjoint shares of the cores
         pinned = [os.sched_getaffinity(p) for p in workers]
         assert not (pinned[0] & pinned[1]) and all(pinned)
+    for p in workers:  # libzmq's I/O thread yields the core to the loop (SCHED_BATCH: no wake-up preemption)
+        policy = {(t.name, (t / "comm").read_text().strip()): int((t / "stat").read_text().rsplit(")", 1)[1].split()[38])
+                  for t in Path(f"/proc/{p}/task").iterdir()}
+        assert policy[(str(p), title(p)[:15])] == os.SCHED_OTHER, policy
+        assert [v for (_, name), v in policy.items() if name.startswith("ZMQbg/IO")] == [os.SCHED_BATCH], policy
     status, _, body = http("GET", s.url + "/v2/health/live")
     assert status == 200
     s.signal(signal.SIGTERM)
