@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 import signal
 import socket
 import threading
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import BIN, Server, fixture_path, http, wait_for
+from tests.conftest import BIN, Server, alive, children, fixture_path, http, wait_for
 
 TINY = fixture_path("densenet_tiny", "model")
 AFNO = fixture_path("afno_small", "model")
@@ -168,6 +169,37 @@ def test_health_stays_fast_while_large_json_bodies_are_parsed(server) -> None:
         statuses = [f.result()[0] for f in futures]
     assert set(statuses) <= {200, 503} and 200 in statuses, statuses
     assert worst < 2.5, f"a health check waited {worst:.2f}s behind JSON parsing"
+
+
+def test_json_parser_helper_does_not_outlive_its_worker(make_server) -> None:
+    """The helper that parses large JSON bodies (a forkserver and its pool process) goes with its
+    worker, whether the worker is killed or exits on TERM (found orphaned after test runs, blocked
+    for ever on a queue whose write end it held itself)."""
+    data = np.random.default_rng(0).standard_normal(3 * 400 * 400).astype(np.float32)
+    body = json.dumps({"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 3, 400, 400],
+                                   "data": data.tolist()}]}).encode()
+    assert len(body) > 8 << 20  # parsed in the helper
+
+    def helpers_after_a_large_body(s: Server) -> list[int]:
+        status, _, _ = http("POST", s.url + "/v2/models/tiny/infer", body, None, 60)
+        assert status == 200
+        (worker,) = s.worker_pids()
+        found = [p for server in children(worker) for p in (server, *children(server))]
+        # the forkserver, its pool process and multiprocessing's resource tracker
+        assert any(children(p) for p in children(worker)), f"no pool process under worker {worker}: {found}"
+        return found
+
+    s = make_server(models={"tiny": {"path": str(TINY)}}, workers=1).start()
+    helpers = helpers_after_a_large_body(s)
+    (worker,) = s.worker_pids()
+    os.kill(worker, signal.SIGKILL)
+    wait_for(lambda: not any(alive(p) for p in helpers), 10, 0.05, "the helpers of a killed worker to exit")
+    wait_for(lambda: s.worker_pids() and s.worker_pids() != [worker], 30, 0.1, "the replacement worker")
+    wait_for(lambda: http("GET", s.url + "/v2/health/ready")[0] == 200, 30, 0.1, "ready")
+    helpers = helpers_after_a_large_body(s)
+    s.signal(signal.SIGTERM)
+    assert s.wait_exit(30) == 0
+    wait_for(lambda: not any(alive(p) for p in helpers), 10, 0.05, "the helpers of a stopped worker to exit")
 
 
 def test_unknown_model_and_full_queue_refused_before_the_body_is_parsed(server) -> None:

@@ -148,7 +148,10 @@ class JsonParser:
 
             ctx = multiprocessing.get_context("forkserver")
             ctx.set_forkserver_preload(["server.frontends.kserve"])
-            cls.pool = ProcessPoolExecutor(1, mp_context=ctx, max_tasks_per_child=cls.RECYCLE)
+            from server.processes.preload import exit_with
+
+            cls.pool = ProcessPoolExecutor(1, mp_context=ctx, max_tasks_per_child=cls.RECYCLE,
+                                           initializer=exit_with, initargs=(os.getpid(),))
         try:
             return await loop.run_in_executor(cls.pool, kserve.parse_request, body, length)
         except (BrokenProcessPool, OSError) as exc:

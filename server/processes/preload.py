@@ -41,9 +41,11 @@ import gc
 import importlib
 import os
 import pickle
+import select
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -76,6 +78,29 @@ def set_child_subreaper() -> bool:
         return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
+
+
+def exit_with(pid: int) -> None:
+    """Exit this process when process ``pid`` does (Linux >= 5.3: a pidfd; else nothing).
+
+    For the worker's helpers that are not its children: a ProcessPoolExecutor process started by a
+    forkserver is the forkserver's child, and the forkserver lives as long as any such process
+    holds its "alive" pipe, so with the worker killed both would wait for ever (the pool process on
+    a call queue whose write end it holds itself). A parent-death signal would watch the wrong
+    parent.
+    """
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # no pidfd here, or ``pid`` has already gone
+        if not os.path.exists(f"/proc/{pid}"):
+            os._exit(0)
+        return
+
+    def wait() -> None:
+        select.select([fd], [], [])
+        os._exit(0)
+
+    threading.Thread(target=wait, name=f"exit-with-{pid}", daemon=True).start()
 
 
 def preload_modules() -> list[str]:
