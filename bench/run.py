@@ -12,8 +12,10 @@ Sections (docs/BENCHMARKS.md says what each measures and why):
   binary) and ZeroMQ (AsyncClient) at concurrency 1, 8, 32, and the peers (.venv-bench) the same:
   LitServe, a hand-rolled FastAPI + uvicorn server, TorchServe.
 - tiny: per-request overhead. A minimal DenseNet on 1x3x8x8 over ZeroMQ at concurrency 32, with 1
-  and 2 workers, against a bare pyzmq ROUTER echo loop in one process answering the same payload;
-  each with the product's AsyncClient and with a bare pyzmq client. Also modelsrv against the
+  and 2 workers, against a bare pyzmq ROUTER echo loop in one process answering the same payload
+  and the same loop running the model on each batch of waiting requests (the model loop: the
+  model's own cost included, nothing of a server); each with the product's AsyncClient and with a
+  bare pyzmq client. Also modelsrv against the
   peers over HTTP at concurrency 1 and 32.
 - models: AFNO, MaskFormer, DETR3D (small configs): modelsrv over ZeroMQ against raw torch.
 
@@ -368,8 +370,9 @@ class Bench:
         self.prepare(["tiny"])
         m = self.models["tiny"]
         conf = {"path": m["folder"], "max_batch_size": 32, "batch_timeout": "2ms", "max_queue_size": 1024}
-        self.log("tiny: starting echo, modelsrv (2 workers, 1 worker), the peers")
+        self.log("tiny: starting echo, the model loop, modelsrv (2 workers, 1 worker), the peers")
         echo = self.server(EchoServer(self.work))
+        model_loop = self.server(EchoServer(self.work, m["folder"]))
         ms2 = self.server(ModelsrvServer(self.work / "ms-tiny-2", {"tiny": conf}, workers=2))
         ms1 = self.server(ModelsrvServer(self.work / "ms-tiny-1", {"tiny": conf}, workers=1))
         peers = self.start_peers("tiny", "tiny", m["folder"], conf["max_batch_size"])
@@ -378,8 +381,8 @@ class Bench:
         points = []
         for client in ("zmq", "zmq-raw"):
             label = "AsyncClient" if client == "zmq" else "bare pyzmq client"
-            for name, srv, grp in (("echo loop", echo, "echo"), ("modelsrv 2 workers", ms2, "modelsrv-2w"),
-                                   ("modelsrv 1 worker", ms1, "modelsrv-1w")):
+            for name, srv, grp in (("echo loop", echo, "echo"), ("model loop", model_loop, "model-loop"),
+                                   ("modelsrv 2 workers", ms2, "modelsrv-2w"), ("modelsrv 1 worker", ms1, "modelsrv-1w")):
                 points.append(self.load_point(f"{name} ZMQ c=32 ({label})", srv,
                                               {**base, "kind": client, "address": srv.zmq_address, "concurrency": 32},
                                               f"{grp}-{client}"))
@@ -400,13 +403,15 @@ class Bench:
             for w in ("2 workers", "1 worker"):
                 targets[f"modelsrv {w} / echo ({label})"] = self.paired_ratio(by[f"modelsrv {w} ZMQ c=32 ({label})"],
                                                                              echo_p, "rps")
+                targets[f"modelsrv {w} / model loop ({label})"] = self.paired_ratio(
+                    by[f"modelsrv {w} ZMQ c=32 ({label})"], by[f"model loop ZMQ c=32 ({label})"], "rps")
         for label in peers:
             for c in (1, 32):
                 targets[f"modelsrv HTTP / {label} c={c}"] = self.paired_ratio(by[f"modelsrv 2 workers HTTP c={c}"],
                                                                              by[f"{label} HTTP c={c}"], "rps")
         time.sleep(2.0)  # idle: a modelsrv worker gives its allocator's free memory back (worker_malloc_trim)
         memory = {"modelsrv 2 workers (master + 2 workers)": ms2.pss(), "modelsrv 1 worker (master + 1 worker)": ms1.pss(),
-                  "echo loop": echo.pss(), **self.peer_memory(peers),
+                  "echo loop": echo.pss(), "model loop": model_loop.pss(), **self.peer_memory(peers),
                   "modelsrv 2 workers, peak (at the end of a load point)": self.peaks.get(id(ms2), 0.0)}
         if "FastAPI" in peers:  # the memory target: modelsrv <= 0.75 of the FastAPI peer on this model
             fa = [v for k, v in memory.items() if k.startswith("FastAPI")][0]
@@ -415,7 +420,7 @@ class Bench:
             if fa_peak:
                 targets["PSS peak modelsrv 2 workers / FastAPI"] = (
                     memory["modelsrv 2 workers, peak (at the end of a load point)"] / fa_peak)
-        for s in (echo, ms2, ms1, *(srv for srv, _ in peers.values())):
+        for s in (echo, model_loop, ms2, ms1, *(srv for srv, _ in peers.values())):
             s.stop()
         return self.save("tiny", points, {"targets": targets, "pss_mib": memory,
                                           "peer_errors": {k: v for k, v in self.peer_errors.items()

@@ -103,9 +103,12 @@ class ModelsrvServer(_Process):
 
 
 class EchoServer(_Process):
-    def __init__(self, prefix: Path) -> None:
+    """bench/echo.py: the bare echo loop, or with ``model`` (a folder) the model loop."""
+
+    def __init__(self, prefix: Path, model: str | None = None) -> None:
         self.port = free_port()
-        self.log = prefix / "echo.log"
+        self.model = model
+        self.log = prefix / ("model-loop.log" if model else "echo.log")
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -114,7 +117,8 @@ class EchoServer(_Process):
 
     def start(self) -> EchoServer:
         with open(self.log, "ab") as f:
-            self.proc = subprocess.Popen([PY, str(BENCH / "echo.py"), self.zmq_address, "--max-seconds", "1800"],
+            self.proc = subprocess.Popen([PY, str(BENCH / "echo.py"), self.zmq_address, "--max-seconds", "1800",
+                                          *(["--model", self.model] if self.model else [])],
                                          stdout=f, stderr=subprocess.STDOUT, env=env_with_repo())
         wait_for(lambda: "ready" in self.log.read_text(), 30, "echo server", 0.05, self.proc, self.log)
         return self
