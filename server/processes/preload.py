@@ -89,11 +89,13 @@ def exit_with(pid: int) -> None:
     a call queue whose write end it holds itself). A parent-death signal would watch the wrong
     parent.
     """
+    if not hasattr(os, "pidfd_open"):  # not Linux
+        return
     try:
         fd = os.pidfd_open(pid)
-    except (AttributeError, OSError):  # no pidfd here, or ``pid`` has already gone
-        if not os.path.exists(f"/proc/{pid}"):
-            os._exit(0)
+    except ProcessLookupError:  # it has gone already
+        os._exit(0)
+    except OSError:  # a kernel without pidfds (before 5.3)
         return
 
     def wait() -> None:
