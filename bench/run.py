@@ -15,8 +15,7 @@ Sections (docs/BENCHMARKS.md says what each measures and why):
   and 2 workers, against a bare pyzmq ROUTER echo loop in one process answering the same payload
   and the same loop running the model on each batch of waiting requests (the model loop: the
   model's own cost included, nothing of a server); each with the product's AsyncClient and with a
-  bare pyzmq client. Also modelsrv against the
-  peers over HTTP at concurrency 1 and 32.
+  bare pyzmq client. Also modelsrv against the peers over HTTP at concurrency 1 and 32.
 - models: AFNO, MaskFormer, DETR3D (small configs): modelsrv over ZeroMQ against raw torch.
 
 Every configuration of a section is started once and measured in interleaved rounds (so a noisy
