@@ -369,11 +369,13 @@ class Bench:
         self.prepare(["tiny"])
         m = self.models["tiny"]
         conf = {"path": m["folder"], "max_batch_size": 32, "batch_timeout": "2ms", "max_queue_size": 1024}
-        self.log("tiny: starting echo, the model loop, modelsrv (2 workers, 1 worker), the peers")
+        self.log("tiny: starting echo, the model loop, modelsrv (2 workers; 1 worker on 1 core), the peers")
         echo = self.server(EchoServer(self.work))
         model_loop = self.server(EchoServer(self.work, m["folder"]))
         ms2 = self.server(ModelsrvServer(self.work / "ms-tiny-2", {"tiny": conf}, workers=2))
-        ms1 = self.server(ModelsrvServer(self.work / "ms-tiny-1", {"tiny": conf}, workers=1))
+        # one worker on one core (CPU 1): one torch thread and its batches on the event loop, as the
+        # model loop runs them; the load generator has the other core
+        ms1 = self.server(ModelsrvServer(self.work / "ms-tiny-1", {"tiny": conf}, workers=1, affinity="10"))
         peers = self.start_peers("tiny", "tiny", m["folder"], conf["max_batch_size"])
         base = {"npz": m["npz"], "model": "tiny", "warmup": warm, "duration": dur, "max_requests": 200_000,
                 "connections": 8}

@@ -39,10 +39,14 @@ class _Process:
 
 
 class ModelsrvServer(_Process):
-    """bin/modelsrv with ``workers`` workers (worker_cpu_affinity auto: one core each on 2 cores)."""
+    """bin/modelsrv with ``workers`` workers (worker_cpu_affinity auto: one core each on 2 cores).
+
+    ``affinity``: the ``worker_cpu_affinity`` directive's argument(s); "10" pins a lone worker to
+    core 1 (one torch thread, small batches on its event loop, as the model loop runs them).
+    """
 
     def __init__(self, prefix: Path, models: dict[str, dict], workers: int = 2, access_log: bool = True,
-                 repo: Path = REPO) -> None:
+                 repo: Path = REPO, affinity: str = "auto") -> None:
         self.prefix = prefix
         self.repo = Path(repo)  # whose bin/modelsrv: another checkout for a before/after comparison (bench/ab.py)
         prefix.mkdir(parents=True, exist_ok=True)
@@ -56,7 +60,7 @@ class ModelsrvServer(_Process):
         access = "access_log logs/access.log;" if access_log else "access_log off;"
         self.conf = prefix / "conf" / "srv.conf"
         self.conf.write_text(
-            f"worker_processes {workers};\nworker_cpu_affinity auto;\nworker_shutdown_timeout 10s;\n"
+            f"worker_processes {workers};\nworker_cpu_affinity {affinity};\nworker_shutdown_timeout 10s;\n"
             "pid run/modelsrv.pid;\nerror_log logs/error.log info;\n"
             f"http {{\n    listen 127.0.0.1:{self.http_port};\n    {access}\n}}\n"
             f"zmq {{\n    listen tcp://127.0.0.1:{self.zmq_port};\n}}\n" + "".join(blocks))

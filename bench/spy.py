@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/spy.py [--model tiny|densenet121] [--kind zmq-raw|zmq|http]
                                       [--workers 1] [--concurrency 32] [--seconds 8] [--no-access-log]
+                                      [--affinity 10]
 
 Needs py-spy (``.venv-bench/bin/py-spy``, or on PATH). Prints the functions with the most samples,
 self and inclusive, for each thread of the worker (event loop, inference thread).
@@ -34,6 +35,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--max-batch-size", type=int, default=32)
     ap.add_argument("--no-access-log", action="store_true")
+    ap.add_argument("--affinity", default="auto", help='worker_cpu_affinity, e.g. "10" (one worker on core 1)')
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--native", action="store_true", help="py-spy --native: C frames too (slows the worker a lot)")
     ap.add_argument("--gil", action="store_true", help="py-spy --gil: only samples of the thread holding the GIL")
@@ -51,7 +53,7 @@ def main() -> int:
         m = json.loads(r.stdout.decode().strip().splitlines()[-1])[args.model]
         conf = {"path": m["folder"], "max_batch_size": args.max_batch_size, "batch_timeout": "2ms", "max_queue_size": 1024}
         srv = ModelsrvServer(work / "srv", {args.model: conf}, workers=args.workers,
-                             access_log=not args.no_access_log).start()
+                             access_log=not args.no_access_log, affinity=args.affinity).start()
         lg = JsonProc([PY, str(BENCH / "loadgen.py")], work / "loadgen.log", name="loadgen")
         cmd = {"op": "run", "kind": args.kind, "npz": m["npz"], "model": args.model, "concurrency": args.concurrency,
                "connections": 8, "warmup": 1.0, "duration": args.seconds + 1, "address": srv.zmq_address,

@@ -5,17 +5,19 @@ Every server binds 127.0.0.1 only; every loop and wait is bounded; a stopped wor
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import re
 import signal
+import threading
 import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from server.client import Client, ModelsrvError
+from server.client import AsyncClient, Client, ModelsrvError
 from tests.conftest import fixture_path, wait_for
 
 TINY = fixture_path("densenet_tiny", "model")
@@ -67,6 +69,102 @@ def test_a_frozen_worker_does_not_stall_split_requests_beyond_peer_timeout(two_w
     assert 1.0 <= first < 8.0, first  # peer_timeout 1s, then the chunks run here (not the 60 s heartbeat)
     assert second < 8.0, second  # bounded; usually fast (the stalled peer is skipped), once seen at 1.07 s under load
     assert live in two_workers.worker_pids() and frozen in two_workers.worker_pids()
+
+
+# -- relays: a request handed on as it came to a less loaded peer --------------------------------------
+
+def _relaying_server(make_server, peer_timeout: str):
+    """Two workers, one item per batch: a burst on one connection makes its worker relay to the other."""
+    return make_server(workers=2, extra=f"peer_timeout {peer_timeout};",
+                       models={"tiny": {"path": str(TINY), "max_batch_size": 1}}).start()
+
+
+def _burst_on_one_connection(server, x: np.ndarray, n: int) -> list[np.ndarray]:
+    """``n`` requests at once over one connection (one worker), no client retries: what the server does is what we see."""
+    async def burst() -> list[np.ndarray]:
+        async with AsyncClient(server.zmq_address, connections=1, timeout=20, retries=0) as c:
+            return [o["logits"] for o in await asyncio.gather(*(c.infer("tiny", {"images": x}) for _ in range(n)))]
+
+    return asyncio.run(burst())
+
+
+def _frozen_peer(server) -> tuple[int, np.ndarray, np.ndarray]:
+    """Stop one worker (the victim) once the other has a working connection to it.
+
+    New client connections then land on the live worker, which still counts the frozen one as
+    idle and relays to it. Peers connect on first use, and a connection to a worker already
+    frozen never completes (the live worker gives up on it after a second and serves the request
+    itself), so the connection is made first: a 2-item request (split over both: max_batch_size
+    1) while the victim is stopped, then, resumed, another that the victim's half of completes.
+    """
+    x = np.random.default_rng(5).standard_normal((1, 3, 32, 32), dtype=np.float32)
+    pair = np.concatenate([x, x])
+    victim = server.worker_pids()[0]
+    os.kill(victim, signal.SIGSTOP)
+    wait_for(lambda: stat_state(victim) == "T", 5, what="the worker to stop")
+    with Client(server.zmq_address, timeout=20, retries=0) as c:  # connected now: to the live worker
+        try:
+            c.infer("tiny", {"images": pair})  # the live worker dials the victim for half of it
+        finally:
+            os.kill(victim, signal.SIGCONT)
+
+        def victim_ran_a_half() -> bool:
+            c.infer("tiny", {"images": pair})  # the same connection: the live worker splits again
+            return 'peer "infer tiny" 200' in server.access_log.read_text()
+
+        wait_for(victim_ran_a_half, 15, 0.2, "the live worker's connection to the victim")
+        expected = c.infer("tiny", {"images": x})["logits"]
+    os.kill(victim, signal.SIGSTOP)
+    wait_for(lambda: stat_state(victim) == "T", 5, what="the worker to stop")
+    return victim, x, expected
+
+
+def test_requests_relayed_to_a_frozen_peer_are_served_after_peer_timeout(make_server) -> None:
+    server = _relaying_server(make_server, "2s")
+    victim, x, expected = _frozen_peer(server)
+    try:
+        started = time.monotonic()
+        outs = _burst_on_one_connection(server, x, 16)
+        took = time.monotonic() - started
+    finally:
+        os.kill(victim, signal.SIGCONT)
+    assert all(np.allclose(o, expected, atol=1e-5) for o in outs)
+    assert "did not answer a relayed request within 2s (peer_timeout)" in server.log_text(), "nothing was relayed"
+    assert 2.0 <= took < 15.0, took  # the relayed ones waited for peer_timeout, then ran on the live worker
+
+
+def test_requests_relayed_to_a_peer_that_dies_are_served_another_way(make_server) -> None:
+    """kill -9 of the peer holding relayed requests: they are served at once the general way, not after
+    peer_timeout (30s here, longer than the client's 20s timeout) and not lost."""
+    server = _relaying_server(make_server, "30s")
+    victim, x, expected = _frozen_peer(server)
+    served_before = server.access_log.read_text().count('zmq "infer tiny" 200')
+    result: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            result["outs"] = _burst_on_one_connection(server, x, 16)
+        except Exception as exc:  # reported below
+            result["error"] = exc
+
+    burst = threading.Thread(target=run, daemon=True)
+    started = time.monotonic()
+    burst.start()
+    try:
+        # the live worker decides where each request goes as it reads them: once it has answered
+        # one of its own, the relays of the burst are out, waiting on the frozen peer
+        wait_for(lambda: server.access_log.read_text().count('zmq "infer tiny" 200') > served_before, 15,
+                 what="the live worker to answer part of the burst")
+    finally:
+        os.kill(victim, signal.SIGKILL)
+    burst.join(25)
+    took = time.monotonic() - started
+    assert not burst.is_alive() and "error" not in result, result.get("error")
+    assert all(np.allclose(o, expected, atol=1e-5) for o in result["outs"])  # type: ignore[union-attr]
+    assert re.search(r"peer \S+ left \(.*\) with \d+ relayed request\(s\) in flight", server.log_text()), \
+        "nothing was relayed to the peer that died"
+    assert took < 15.0, took
+    server.wait_ready()  # the master started a new worker in the dead one's slot
 
 
 def test_max_image_pixels_reaches_the_model(two_workers) -> None:

@@ -180,6 +180,10 @@ class Engine:
         return [p for p in self.peers.values() if p.accepting and name in p.models]
 
     def _drop_peer(self, peer: Peer, exc: BaseException) -> None:
+        relayed = sum(isinstance(w, _Relay) for w in peer.waiting.values())
+        if relayed:  # the peer died (or froze past the master's heartbeat) holding clients' requests
+            log.warning("peer %s left (%s) with %d relayed request(s) in flight: serving them another way",
+                        peer.key, exc, relayed)
         for request_id, fut in list(peer.waiting.items()):
             if isinstance(fut, asyncio.Queue):
                 fut.put_nowait(exc)
@@ -365,6 +369,9 @@ class Engine:
         return True
 
     def _relay_timeout(self, peer: Peer, request_id: int, timeout: float) -> None:
+        if not peer.stalled:  # one line per stall, not one per request it held
+            log.warning("peer %s did not answer a relayed request within %gs (peer_timeout): serving it another "
+                        "way; the peer is picked last until it answers again", peer.key, timeout)
         peer.stalled = True
         self._end_relay(peer, request_id, PeerTimeout(f"peer {peer.key} did not answer within {timeout:g}s (peer_timeout)"))
 
