@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -46,13 +47,14 @@ class ModelsrvServer(_Process):
     """
 
     def __init__(self, prefix: Path, models: dict[str, dict], workers: int = 2, access_log: bool = True,
-                 repo: Path = REPO, affinity: str = "auto") -> None:
+                 repo: Path = REPO, affinity: str = "auto", env: dict[str, str] | None = None) -> None:
         self.prefix = prefix
         self.repo = Path(repo)  # whose bin/modelsrv: another checkout for a before/after comparison (bench/ab.py)
         prefix.mkdir(parents=True, exist_ok=True)
         (prefix / "conf").mkdir(exist_ok=True)
         self.http_port, self.zmq_port = free_port(), free_port()
         self.workers = workers
+        self.env = env  # extra environment for the master (and so its preload process and workers)
         blocks = []
         for name, opts in models.items():
             lines = "".join(f"        {k} {v};\n" for k, v in opts.items())
@@ -78,7 +80,8 @@ class ModelsrvServer(_Process):
         out = self.prefix / "stdout.log"
         with open(out, "ab") as f:
             self.proc = subprocess.Popen([str(self.repo / "bin" / "modelsrv"), "-c", str(self.conf)], stdout=f,
-                                         stderr=subprocess.STDOUT, cwd=str(self.prefix))
+                                         stderr=subprocess.STDOUT, cwd=str(self.prefix),
+                                         env={**os.environ, **self.env} if self.env else None)
         pid_file = self.prefix / "run" / "modelsrv.pid"
 
         def ready() -> bool:
