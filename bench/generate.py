@@ -151,6 +151,12 @@ class GenBench(Bench):
 
     def run_rounds(self, points: list[Point]) -> None:
         """As bench/run.py's (order rotated each round), but no round starts that would end past --max-minutes."""
+        try:
+            self._run_planned_rounds(points)
+        finally:
+            self.thaw()
+
+    def _run_planned_rounds(self, points: list[Point]) -> None:
         planned, last = self.rounds, 0.0
         self.rounds = 0
         for r in range(planned):
@@ -161,6 +167,7 @@ class GenBench(Bench):
             t = time.monotonic()
             for p in points[r % len(points):] + points[: r % len(points)]:
                 try:
+                    self.alone(p.server)  # transformers serve frozen unless it is the one measured
                     res = p.measure()
                 except Exception as exc:  # one failed point must not lose the others
                     res = {"error": str(exc)[-2000:]}
@@ -255,7 +262,7 @@ class GenBench(Bench):
                 self.log(f"  {name}: {res['errors']} errors, e.g. {res.get('error_samples')}")
             return res
 
-        return GenPoint(name, measure, group=group, concurrency=c)
+        return GenPoint(name, measure, group=group, server=server, concurrency=c)
 
     def probe(self, port: int, model: str, extra: dict[str, Any], prompt: str) -> dict[str, Any]:
         """One streamed request, to check a server end to end before measuring it."""
@@ -313,6 +320,9 @@ class GenBench(Bench):
                     ts = None
                 if ts is not None:
                     servers.append(("transformers serve", ts, ts.port, info["copies"]["tserve"], extra))
+                    # frozen (SIGSTOP) while anything else runs, as bench/run.py's peers: an idle
+                    # uvicorn process and its batching thread must not take core time from the others
+                    self.freezable.append(ts)
         for label, srv, port, model, extra in servers:
             if label == "modelsrv":
                 res = self.probe(port, model, extra, texts[0])
