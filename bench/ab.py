@@ -6,8 +6,8 @@
 Each checkout's bin/modelsrv serves the tiny model (bench/prepare.py) with the same config; the
 load generator (bench/loadgen.py, concurrency 32, 8 connections) alternates between them. One
 checkout alone measures its CPU per request at a given concurrency (batch sizes follow it). CPU per
-request is the workers' CPU time over the call (from /proc) divided by the requests answered in
-it: on a shared, noisy machine it moves far less than req/s does. Used for issue 11's "before".
+request: bench/common.py's cpu_per_request (the workers' CPU time over the call, from /proc).
+Used for issue 11's "before".
 """
 
 from __future__ import annotations
@@ -17,12 +17,11 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import BENCH, PY, JsonProc, cpu_seconds, env_with_repo, median  # noqa: E402
+from bench.common import BENCH, PY, JsonProc, cpu_per_request, env_with_repo, median  # noqa: E402
 from bench.servers import ModelsrvServer  # noqa: E402
 
 
@@ -55,11 +54,7 @@ def main() -> int:
             for i, s in enumerate(servers):
                 cmd = {**base, "port": s.http_port, "format": "kserve"} if args.kind == "http" else {
                     **base, "address": s.zmq_address}
-                pids = s.worker_pids()
-                before, t = cpu_seconds(pids), time.perf_counter()
-                res = loadgen.call(cmd, timeout=args.seconds + 60)
-                wall, cpu = time.perf_counter() - t, cpu_seconds(pids) - before
-                us = cpu / (res["rps"] * wall) * 1e6  # requests answered over the whole call, warm-up included
+                res, us = cpu_per_request(loadgen, s.worker_pids(), cmd, args.seconds + 60)
                 results[i].append((res["rps"], us))
                 print(f"round {rnd + 1}: {args.checkouts[i]}: {res['rps']:.0f} req/s, {us:.0f} us CPU per request",
                       flush=True)

@@ -126,6 +126,18 @@ def cpu_seconds(pids: Sequence[int]) -> float:
     return total / CLK_TCK
 
 
+def cpu_per_request(loadgen: Any, pids: Sequence[int], cmd: dict[str, Any], timeout: float) -> tuple[dict[str, Any], float]:
+    """Run one load point: the load generator's result and the CPU microseconds ``pids`` spent per request.
+
+    CPU time over the whole call divided by the requests answered in it (``rps`` times the wall
+    time, warm-up included): on a shared, noisy machine it moves far less than req/s does.
+    """
+    before, started = cpu_seconds(pids), time.perf_counter()
+    res = loadgen.call(cmd, timeout=timeout)
+    wall, cpu = time.perf_counter() - started, cpu_seconds(pids) - before
+    return res, cpu / (res["rps"] * wall) * 1e6
+
+
 def pss_mib(pids: Sequence[int]) -> float:
     """Proportional set size of the processes together (shared pages counted once overall)."""
     total_kb = 0

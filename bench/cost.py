@@ -19,12 +19,11 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import BENCH, PY, JsonProc, cpu_seconds, env_with_repo, median  # noqa: E402
+from bench.common import BENCH, PY, JsonProc, cpu_per_request, env_with_repo, median  # noqa: E402
 from bench.servers import EchoServer, ModelsrvServer  # noqa: E402
 
 
@@ -59,10 +58,7 @@ def main() -> int:
                     cmd = {"op": "run", "npz": model["npz"], "model": "tiny", "warmup": 0.3, "duration": args.seconds,
                            "max_requests": 400_000, "connections": min(8, c), "concurrency": c, "kind": "zmq-raw",
                            "address": s.zmq_address}
-                    before, t = cpu_seconds(pids), time.perf_counter()
-                    res = loadgen.call(cmd, timeout=args.seconds + 60)
-                    wall, cpu = time.perf_counter() - t, cpu_seconds(pids) - before
-                    us = cpu / (res["rps"] * wall) * 1e6  # requests over the whole call, warm-up included
+                    res, us = cpu_per_request(loadgen, pids, cmd, args.seconds + 60)
                     results.setdefault((name, c), []).append((res["rps"], us))
                     print(f"round {rnd + 1}: c={c} {name}: {res['rps']:.0f} req/s, {us:.0f} us CPU per request",
                           flush=True)

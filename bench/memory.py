@@ -5,8 +5,8 @@
 bench/run.py reads each server's PSS once, right at the end of a load point; this samples every
 process of each server every 0.25 s during the load, so the peak is the peak, and keeps the
 per-process figures (master, preload, each worker; LitServe's every process). Configurations, in
-interleaved rounds, each alone (LitServe frozen while the others run; modelsrv idles at ~0 CPU): modelsrv as configured by default, modelsrv with
-glibc's ``MALLOC_ARENA_MAX=1`` and ``=2`` in its environment (every thread of a worker allocating
+interleaved rounds, each alone (LitServe frozen while the others run; modelsrv idles at ~0 CPU):
+modelsrv as configured by default, modelsrv with glibc's ``MALLOC_ARENA_MAX=1`` and ``=2`` in its environment (every thread of a worker allocating
 from one or two malloc arenas instead of one per thread: the inference thread's activations and
 the loop's request buffers then reuse the same free memory), and LitServe (max_batch_size 32,
 as in bench/run.py). HTTP, KServe binary for modelsrv, JSON for LitServe (the only body it takes).
@@ -15,7 +15,6 @@ as in bench/run.py). HTTP, KServe binary for modelsrv, JSON for LitServe (the on
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import threading
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import median, pss_mib, signal_tree  # noqa: E402
+from bench.common import median, pss_mib  # noqa: E402
 from bench.run import Bench  # noqa: E402
 from bench.servers import LitServeServer, ModelsrvServer  # noqa: E402
 
@@ -90,7 +89,6 @@ def main() -> int:
                 bench.log(f"round {r + 1}/{args.rounds} {name}: {res['ips']:.1f} images/s, PSS MiB idle "
                           f"{res['idle']:.0f}, peak {res['peak']:.0f}, end {res['end']:.0f}; per process peak "
                           f"{sorted(round(v) for v in res['per_process_peak'].values())}")
-        bench.thaw()
         print("\n| configuration | images/s | PSS idle | peak during load | at load end | rounds |")
         print("|---|---:|---:|---:|---:|---:|")
         for name, rs in results.items():
@@ -98,8 +96,7 @@ def main() -> int:
                   f"{median([x['peak'] for x in rs]):.0f} ({min(x['peak'] for x in rs):.0f}-"
                   f"{max(x['peak'] for x in rs):.0f}) | {median([x['end'] for x in rs]):.0f} | {len(rs)} |")
     finally:
-        signal_tree([p for s in bench.freezable for p in s.pids()], signal.SIGCONT)
-        bench.close()
+        bench.close()  # thaws LitServe first
     return 0
 
 
