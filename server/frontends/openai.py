@@ -316,8 +316,27 @@ async def complete(req: OpenAIRequest, streams: list[Any]) -> dict[str, Any]:
             "usage": usage(prompt, completion)}
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+_HOLE = "\0"  # encodes as "\u0000": found from the end, it is the choice's text
+
+
 def _event(doc: Any) -> bytes:
-    return b"data: " + json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+    return b"data: " + _ENCODER.encode(doc).encode() + b"\n\n"
+
+
+def _choice(chat: bool, index: int, text: str, reason: str | None) -> dict[str, Any]:
+    """A streamed choice without logprobs (the shape of the general path's, key for key)."""
+    if chat:
+        return {"index": index, "delta": {"content": text} if text else {}, "logprobs": None, "finish_reason": reason}
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+
+
+def _template(doc: dict[str, Any]) -> tuple[bytes, bytes]:
+    """``doc``'s event split around its last string, ``_HOLE`` (the choice's text; only ``null``
+    follows it): head + JSON of a text + tail is the event with that text, without building and
+    encoding the dict again for every token (5 -> 0.3 us per event)."""
+    head, _, tail = _event(doc).rpartition(_ENCODER.encode(_HOLE).encode())
+    return head, tail
 
 
 async def stream_events(req: OpenAIRequest, streams: list[Any]) -> AsyncIterator[bytes]:
@@ -327,6 +346,7 @@ async def stream_events(req: OpenAIRequest, streams: list[Any]) -> AsyncIterator
     base = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{req.id}", "object": "chat.completion.chunk" if chat else "text_completion",
             "created": req.created, "model": req.model}
     extra = {"usage": None} if req.include_usage else {}
+    templates: dict[int, tuple[bytes, bytes]] = {}  # choice index -> the text-only event around its text
     try:
         if chat:
             yield _event({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -339,6 +359,12 @@ async def stream_events(req: OpenAIRequest, streams: list[Any]) -> AsyncIterator
             has_lp = "logprobs" in chunk and ((not chat and req.logprobs is not None) or (chat and req.chat_logprobs))
             if not text and reason is None and not has_lp:
                 continue  # held back (part of a character, or maybe the start of a stop string)
+            if text and reason is None and not has_lp:  # most tokens: only the text differs from the last event
+                if i not in templates:
+                    templates[i] = _template({**base, "choices": [_choice(chat, i, _HOLE, None)], **extra})
+                head, tail = templates[i]
+                yield head + _ENCODER.encode(text).encode() + tail
+                continue
             if chat:
                 choice = {"index": i, "delta": {"content": text} if text else {},
                           "logprobs": {"content": chat_logprobs(chunk, req.top_logprobs)} if has_lp else None,

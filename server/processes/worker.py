@@ -260,6 +260,7 @@ class WorkerProcess:
 
         JsonParser.close()
         self.engine.close()
+        device.close(wait=False)  # a step still running (terminate) does not hold the exit: the thread is a daemon
         self.ctx.destroy(linger=0)
         self.board.close()
         try:

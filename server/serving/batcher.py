@@ -10,12 +10,13 @@ the GIL while it computes, so the event loop keeps serving.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
+from queue import SimpleQueue
 from typing import Any
 
 import numpy as np
@@ -101,25 +102,81 @@ class Device:
     """
 
     def __init__(self, inline_below: float = 0.0) -> None:
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer")
+        self.jobs: SimpleQueue[tuple[asyncio.AbstractEventLoop, asyncio.Future, Callable[..., Any], tuple] | None] = SimpleQueue()
+        # daemon: a worker that exits without close() (a fatal error) is not held by an idle thread
+        self.thread = threading.Thread(target=self._serve, name="infer", daemon=True)
+        self.thread.start()
         self.inline_below = inline_below
         self.busy = 0
         self.idle = asyncio.Event()
         self.idle.set()
 
     async def run(self, fn, *args, cost: float | None = None):
-        """``fn(*args)`` on the inference thread, or on the loop when ``cost`` (expected seconds) is small."""
+        """``fn(*args)`` on the inference thread, or on the loop when ``cost`` (expected seconds) is small.
+
+        The device counts as busy until the job has ended, not until its waiter has: a waiter
+        cancelled at shutdown leaves the job running, and nothing may start beside it.
+        """
         inline = cost is not None and cost < self.inline_below and not self.busy
+        self._begin()
+        if inline:
+            try:
+                return fn(*args)
+            finally:
+                self._end()
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self.jobs.put((loop, done, fn, args))
+        return await done
+
+    def close(self, wait: bool = True) -> None:
+        """Stop the thread after the jobs already queued."""
+        self.jobs.put(None)
+        if wait:
+            self.thread.join()
+
+    def _begin(self) -> None:
         self.busy += 1
         self.idle.clear()
-        try:
-            if inline:
-                return fn(*args)
-            return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
-        finally:
-            self.busy -= 1
-            if not self.busy:
-                self.idle.set()
+
+    def _end(self) -> None:
+        self.busy -= 1
+        if not self.busy:
+            self.idle.set()
+
+    def _job_done(self, done: asyncio.Future, result: Any, error: BaseException | None) -> None:
+        """On the loop: the inference thread finished a job."""
+        self._end()
+        if done.cancelled():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)
+
+    def _serve(self) -> None:
+        """The inference thread: jobs in order; each result goes back with one ``call_soon_threadsafe``.
+
+        Not a ThreadPoolExecutor: its concurrent future (a Condition, a lock, ``wrap_future``'s
+        chaining callbacks) cost the loop twice the CPU of this hand-off per batch or decode step
+        (bench/handoff.py: 53-65 against 29-36 us; streamed tokens of the small BLOOM at one
+        stream, bench/tokencost.py: 455 -> 319 us of loop CPU per token with the SSE template).
+        """
+        import setproctitle
+
+        # the OS thread name, so that `top -H`, `ps -L` and per-thread CPU accounting tell it apart
+        setproctitle.setthreadtitle("modelsrv infer")
+        while (job := self.jobs.get()) is not None:
+            loop, done, fn, args = job
+            try:
+                result, error = fn(*args), None
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+                result, error = None, exc
+            try:
+                loop.call_soon_threadsafe(self._job_done, done, result, error)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                pass
+            del job, fn, args, result, error  # no reference to a batch outlives its job
 
 
 class Batcher:

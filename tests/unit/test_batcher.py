@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -30,7 +31,7 @@ async def batcher(model: FakeModel, **conf) -> AsyncIterator[Batcher]:
         b.task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await b.task
-        device.executor.shutdown(wait=True)
+        device.close()
 
 
 def test_lone_request_on_an_idle_device_goes_at_once() -> None:
@@ -99,7 +100,7 @@ async def two_models(**conf_b) -> AsyncIterator[tuple[Batcher, Batcher]]:
             batcher_.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await batcher_.task
-        device.executor.shutdown(wait=True)
+        device.close()
 
 
 def test_while_another_model_runs_a_partial_batch_waits_at_most_batch_timeout() -> None:
@@ -313,3 +314,51 @@ def test_inputs_that_disagree_on_the_batch_dimension_are_refused() -> None:
         request_size({"a": x(3), "b": x(2)})
     with pytest.raises(InputError, match="no inputs"):
         request_size({})
+
+
+def test_device_runs_jobs_in_order_on_one_named_thread_and_survives_errors_and_cancelled_waiters() -> None:
+    """The inference thread: results and exceptions reach the awaiting coroutine; a waiter that is
+    cancelled (shutdown) leaves the job to finish, the device busy until then, and the thread
+    serving the next one."""
+    device = Device()
+    release = threading.Event()
+    seen: list[str] = []
+
+    def job(tag: str) -> tuple[str, int]:
+        seen.append(tag)
+        return tag, threading.get_native_id()
+
+    def fail() -> None:
+        raise ValueError("bad batch")
+
+    def held() -> str:
+        release.wait(5)
+        seen.append("held")
+        return "late"
+
+    async def main() -> None:
+        tag, tid = await device.run(job, "a")
+        assert tag == "a" and tid != threading.get_native_id()
+        comm = Path(f"/proc/self/task/{tid}/comm")
+        if comm.exists():  # Linux: `top -H` and per-thread CPU accounting see the name
+            assert comm.read_text().strip() == "modelsrv infer"
+        with pytest.raises(ValueError, match="bad batch"):
+            await device.run(fail)
+        waiter = asyncio.ensure_future(device.run(held))
+        await asyncio.sleep(0.05)
+        assert not device.idle.is_set()
+        waiter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiter
+        await asyncio.sleep(0.05)
+        assert not device.idle.is_set()  # busy until the job itself has ended
+        release.set()
+        assert (await device.run(job, "b"))[0] == "b"  # after the held job, on the same thread
+        assert seen == ["a", "held", "b"] and device.idle.is_set()
+
+    try:
+        run(main)
+    finally:
+        release.set()
+        device.close()
+    assert not device.thread.is_alive()

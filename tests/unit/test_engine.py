@@ -134,7 +134,7 @@ class Harness:
                 await b.task
         await asyncio.sleep(0)  # let the cancelled peer readers finish before the context goes
         self.ctx.destroy(linger=0)
-        self.device.executor.shutdown(wait=True)
+        self.device.close()
 
 
 @contextlib.asynccontextmanager
