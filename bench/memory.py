@@ -1,14 +1,17 @@
 """Memory under load, per process: modelsrv against LitServe on DenseNet-121, sampled during the load.
 
     .venv/bin/python bench/memory.py [--rounds 3] [--seconds 10] [--concurrency 32] [--peers litserve|none]
+                                     [--variants ENV=VALUE[,ENV=VALUE] ...]
 
 bench/run.py reads each server's PSS once, right at the end of a load point; this samples every
 process of each server every 0.25 s during the load, so the peak is the peak, and keeps the
 per-process figures (master, preload, each worker; LitServe's every process). Configurations, in
 interleaved rounds, each alone (LitServe frozen while the others run; modelsrv idles at ~0 CPU):
-modelsrv as configured by default, modelsrv with glibc's ``MALLOC_ARENA_MAX=1`` and ``=2`` in its environment (every thread of a worker allocating
-from one or two malloc arenas instead of one per thread: the inference thread's activations and
-the loop's request buffers then reuse the same free memory), and LitServe (max_batch_size 32,
+modelsrv as configured by default, modelsrv with each ``--variants`` environment (by default glibc's
+``MALLOC_ARENA_MAX=1`` and ``=2``: every thread of a worker allocating from one or two malloc arenas
+instead of one per thread, so the inference thread's activations and the loop's request buffers
+reuse the same free memory; ``MALLOC_MMAP_THRESHOLD_=N`` fixes the size above which a block is
+mapped on its own and unmapped at its free), and LitServe (max_batch_size 32,
 as in bench/run.py). HTTP, KServe binary for modelsrv, JSON for LitServe (the only body it takes).
 """
 
@@ -57,19 +60,19 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--peers", default="litserve", help="litserve or none")
+    ap.add_argument("--variants", nargs="*", default=["MALLOC_ARENA_MAX=1", "MALLOC_ARENA_MAX=2"],
+                    help="modelsrv configurations to add, each a comma-separated list of ENV=VALUE")
     args = ap.parse_args()
     bench = Bench(argparse.Namespace(quick=False, rounds=args.rounds, out="/tmp", peers=args.peers, only=""))
     try:
         bench.prepare(["densenet121"])
         m = bench.models["densenet121"]
         conf = {"path": m["folder"], "max_batch_size": 8, "batch_timeout": "2ms", "max_queue_size": 256}  # = conf/srv.conf
-        servers = {
-            "modelsrv": bench.server(ModelsrvServer(bench.work / "ms", {"densenet121": conf})),
-            "modelsrv MALLOC_ARENA_MAX=1": bench.server(ModelsrvServer(bench.work / "ms-a1", {"densenet121": conf},
-                                                                       env={"MALLOC_ARENA_MAX": "1"})),
-            "modelsrv MALLOC_ARENA_MAX=2": bench.server(ModelsrvServer(bench.work / "ms-a2", {"densenet121": conf},
-                                                                       env={"MALLOC_ARENA_MAX": "2"})),
-        }
+        servers = {"modelsrv": bench.server(ModelsrvServer(bench.work / "ms", {"densenet121": conf}))}
+        for i, variant in enumerate(args.variants):
+            env = dict(kv.split("=", 1) for kv in variant.split(","))
+            servers[f"modelsrv {variant}"] = bench.server(ModelsrvServer(bench.work / f"ms-{i}", {"densenet121": conf},
+                                                                         env=env))
         if "litserve" in bench.peers:
             ls = bench.server(LitServeServer(bench.work / "ls", m["folder"], 2, 32, 0.002))
             bench.freezable.append(ls)
